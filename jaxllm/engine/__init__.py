@@ -1,0 +1,1 @@
+"""The engine: KV cache, sampling, compiled steps, and the generation loop."""

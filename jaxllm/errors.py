@@ -1,0 +1,36 @@
+"""Typed errors. Each carries a one-line message that says what is wrong and what to do.
+
+The CLI prints the message and exits 2; the server (later) maps each type to one HTTP status.
+"""
+
+
+class JaxLLMError(Exception):
+    """Base class of every error jaxllm raises on purpose."""
+
+
+class ModelNotFoundError(JaxLLMError):
+    """A model reference (path, hub id, alias) resolves to nothing."""
+
+
+class ModelLoadError(JaxLLMError):
+    """A model's files exist but cannot be read: corrupt, truncated or inconsistent."""
+
+
+class UnsupportedModelError(JaxLLMError):
+    """The architecture, rope type, GGUF tensor type or tokenizer kind is not supported."""
+
+
+class TokenizerError(JaxLLMError):
+    """No tokenizer or chat template could be built or rendered."""
+
+
+class ContextLengthError(JaxLLMError):
+    """A prompt (plus what is asked to generate) does not fit the model's context."""
+
+
+class InvalidSamplingParamsError(JaxLLMError, ValueError):
+    """A sampling parameter is out of range."""
+
+
+class InvalidRequestError(JaxLLMError, ValueError):
+    """A request is malformed (bad JSONL line, unknown field, wrong type)."""

@@ -1,0 +1,77 @@
+"""One entry point: a model reference in, a config, params and tokenizer out."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jaxllm.chat_template import read_template_file
+from jaxllm.config import ModelConfig, config_from_gguf_metadata, load_hf_config
+from jaxllm.errors import ModelLoadError
+from jaxllm.loading.gguf_file import GGUFFile
+from jaxllm.loading.hf_folder import SafetensorsReader
+from jaxllm.loading.resolve import ModelFiles, resolve_model
+from jaxllm.loading.weights import assemble_params
+from jaxllm.models.registry import build_model, param_shapes
+from jaxllm.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """What a loader produces: enough to run and to talk to the model."""
+
+    name: str
+    config: ModelConfig
+    model: object
+    params: dict
+    tokenizer: Tokenizer
+
+
+def load_model(ref=None, dtype=jnp.float32, chat_template: str | Path | None = None,
+               progress: bool = True) -> LoadedModel:
+    """Load a model from an alias ('smollm2'), a .gguf file, a Hugging Face folder or hub id."""
+    files = resolve_model(ref)
+    if files.kind == "gguf":
+        cfg, params, tok = _load_gguf(files, dtype, progress)
+    else:
+        cfg, params, tok = _load_hf(files, dtype, progress)
+    if chat_template is not None:
+        tok.chat_template = read_template_file(chat_template)
+    return LoadedModel(files.name, cfg, build_model(cfg, dtype), params, tok)
+
+
+def _load_hf(files: ModelFiles, dtype, progress):
+    cfg = load_hf_config(files.path)
+    reader = SafetensorsReader(files.path)
+    if not reader.has("lm_head.weight") and not cfg.tie_word_embeddings:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+    tok = Tokenizer.from_hf_folder(files.path)
+    if tok.eos_id is not None and tok.eos_id not in cfg.eos_token_ids:
+        cfg = dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + (tok.eos_id,))
+    model = build_model(cfg, dtype)
+    params = assemble_params(cfg, param_shapes(model), reader.read, dtype, progress, f"loading {files.name}")
+    return cfg, params, tok
+
+
+def _load_gguf(files: ModelFiles, dtype, progress):
+    gguf = GGUFFile(files.path)
+    cfg = config_from_gguf_metadata(gguf.metadata)
+    if not gguf.has("lm_head.weight"):
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+    tok = Tokenizer.from_gguf_metadata(gguf.metadata)
+    model = build_model(cfg, dtype)
+    params = assemble_params(cfg, param_shapes(model), gguf.read, dtype, progress, f"loading {files.name}")
+    return cfg, params, tok
+
+
+def read_generation_config(folder: Path) -> dict:
+    path = folder / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e.msg})") from e

@@ -1,0 +1,108 @@
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as one Flax module.
+
+The layers are stacked and run under `nn.scan`. The KV cache is passed into the scan read-only;
+each layer returns its new keys and values as scan outputs, which the caller writes into the
+(donated) cache with one scatter after the scan, so XLA never copies the cache per layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxllm import kernels
+from jaxllm.config import ModelConfig
+from jaxllm.models.layers import GatedMLP, RMSNorm, apply_rope, param, rope_cos_sin, rope_inv_freq
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with optional qkv bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, k_ctx, v_ctx, ctx_lens):
+        """x [batch, seq, embed] -> (out [batch, seq, embed], k_new, v_new [batch, seq, kv_heads, head_dim])."""
+        c, dt = self.cfg, self.dtype
+        d, h, kvh, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        wq = param(self, "q", (d, h, hd), ("embed", "q_heads", "head_dim"), dtype=dt)
+        wk = param(self, "k", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), dtype=dt)
+        wv = param(self, "v", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), dtype=dt)
+        wo = param(self, "o", (h, hd, d), ("q_heads", "head_dim", "embed"), dtype=dt)
+        q = jnp.einsum("btd,dhk->bthk", x, wq)
+        k = jnp.einsum("btd,dhk->bthk", x, wk)
+        v = jnp.einsum("btd,dhk->bthk", x, wv)
+        if c.attention_bias:
+            zeros = nn.initializers.zeros
+            q = q + param(self, "q_bias", (h, hd), ("q_heads", "head_dim"), zeros, dt)
+            k = k + param(self, "k_bias", (kvh, hd), ("kv_heads", "head_dim"), zeros, dt)
+            v = v + param(self, "v_bias", (kvh, hd), ("kv_heads", "head_dim"), zeros, dt)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = kernels.attention(q, k, v, k_ctx, v_ctx, ctx_lens, c.sliding_window)
+        return jnp.einsum("bthk,hkd->btd", out, wo), k, v
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + gated MLP block; the body of the layer scan."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, shared, layer_cache):
+        """x [batch, seq, embed]; shared = (cos, sin, ctx_lens); layer_cache = (k_ctx, v_ctx) or (None, None)."""
+        cos, sin, ctx_lens = shared
+        k_ctx, v_ctx = layer_cache
+        c = self.cfg
+        with jax.named_scope("attention"):
+            h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="attn_norm")(x)
+            a, k, v = Attention(c, self.dtype, name="attn")(h, cos, sin, k_ctx, v_ctx, ctx_lens)
+            x = x + a
+        with jax.named_scope("mlp"):
+            h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="mlp_norm")(x)
+            x = x + GatedMLP(c, self.dtype, name="mlp")(h)
+        return x, (k, v)
+
+
+class Transformer(nn.Module):
+    """tokens [batch, seq] -> logits and the new keys/values of every layer."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, positions, k_ctx, v_ctx, ctx_lens, logits_index=None):
+        """Run the model.
+
+        tokens, positions: [batch, seq] int32; k_ctx, v_ctx: [layers, batch, ctx_len, kv_heads, head_dim]
+        or None; ctx_lens: [batch] valid cached slots; logits_index: [batch] or None — when given, only
+        the logits at that position of each row are computed ([batch, vocab] instead of [batch, seq, vocab]).
+        Returns (logits, (k_new, v_new)) with k_new, v_new [layers, batch, seq, kv_heads, head_dim].
+        """
+        c, dt = self.cfg, self.dtype
+        embed = param(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=dt)
+        x = jnp.take(embed, tokens, axis=0)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
+        layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, dt, name="layers")
+        x, (k_new, v_new) = layers(x, (cos, sin, ctx_lens), (k_ctx, v_ctx))
+        x = RMSNorm(c.rms_norm_eps, dtype=dt, name="final_norm")(x)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("...d,vd->...v", x, embed, preferred_element_type=jnp.float32)
+        else:
+            head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), dtype=dt)
+            logits = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+        return logits, (k_new, v_new)

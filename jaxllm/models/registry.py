@@ -1,0 +1,55 @@
+"""Maps model types to their implementation, and the model-agnostic forward over a KV cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+from jaxllm.errors import UnsupportedModelError
+from jaxllm.models import llama
+
+FAMILIES = {"llama": llama.Transformer, "mistral": llama.Transformer, "qwen2": llama.Transformer,
+            "qwen3": llama.Transformer}
+
+
+def build_model(cfg: ModelConfig, dtype=jnp.float32):
+    """The Flax module for this config (not initialised: params come from a loader or `init_params`)."""
+    try:
+        return FAMILIES[cfg.model_type](cfg, dtype)
+    except KeyError:
+        raise UnsupportedModelError(f"model type {cfg.model_type!r} is not supported") from None
+
+
+def param_shapes(model):
+    """The boxed parameter description (shapes, dtypes, logical axes) without allocating weights."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, None, None,
+                                             jnp.zeros((1,), jnp.int32)))
+
+
+def init_params(model, seed: int = 0):
+    """Random parameters (for tests and shape checks), unboxed."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = model.init(jax.random.PRNGKey(seed), tokens, tokens, None, None, jnp.zeros((1,), jnp.int32))
+    from flax.core import meta
+
+    return meta.unbox(boxed)
+
+
+def forward(model, params, tokens, positions, cache, slot_ids, ctx_lens, ctx_len: int, logits_index=None):
+    """One model call over the KV cache: (logits, new cache). Pure; jitted by the runner.
+
+    tokens, positions: [batch, seq]; cache: KVCache with k, v [layers, slots, max_len, kv_heads, head_dim];
+    slot_ids: [batch] cache rows of the batch rows, or None when the batch is all slots in order;
+    ctx_lens: [batch] valid cached tokens per row; ctx_len: static number of cache slots to attend to;
+    logits_index: [batch] or None (see Transformer). New keys/values land at `positions`.
+    """
+    k_ctx = v_ctx = None
+    if ctx_len:
+        if slot_ids is None:
+            k_ctx, v_ctx = cache.k[:, :, :ctx_len], cache.v[:, :, :ctx_len]
+        else:
+            k_ctx, v_ctx = cache.k[:, slot_ids, :ctx_len], cache.v[:, slot_ids, :ctx_len]
+    logits, (k_new, v_new) = model.apply(params, tokens, positions, k_ctx, v_ctx, ctx_lens, logits_index)
+    return logits, cache.write(slot_ids, positions, k_new, v_new)
