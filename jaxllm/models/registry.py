@@ -41,14 +41,15 @@ def forward(model, params, tokens, positions, cache, slot_ids, ctx_lens, ctx_len
     """One model call over the KV cache: (logits, new cache). Pure; jitted by the runner.
 
     tokens, positions: [batch, seq]; cache: KVCache with k, v [layers, slots, max_len, kv_heads, head_dim];
-    slot_ids: [batch] cache rows of the batch rows, or None when the batch is all slots in order;
+    slot_ids: [batch] cache rows of the batch rows, or None when batch row b is cache slot b;
     ctx_lens: [batch] valid cached tokens per row; ctx_len: static number of cache slots to attend to;
     logits_index: [batch] or None (see Transformer). New keys/values land at `positions`.
     """
     k_ctx = v_ctx = None
     if ctx_len:
         if slot_ids is None:
-            k_ctx, v_ctx = cache.k[:, :, :ctx_len], cache.v[:, :, :ctx_len]
+            rows = tokens.shape[0]
+            k_ctx, v_ctx = cache.k[:, :rows, :ctx_len], cache.v[:, :rows, :ctx_len]
         else:
             k_ctx, v_ctx = cache.k[:, slot_ids, :ctx_len], cache.v[:, slot_ids, :ctx_len]
     logits, (k_new, v_new) = model.apply(params, tokens, positions, k_ctx, v_ctx, ctx_lens, logits_index)

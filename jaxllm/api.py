@@ -1,0 +1,117 @@
+"""The notebook-facing API: `LLM(...).generate(...)`, `.chat(...)`, `.stream(...)`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from jaxllm.chat_template import render_chat
+from jaxllm.engine.engine import Engine
+from jaxllm.engine.runner import ModelRunner
+from jaxllm.errors import InvalidRequestError
+from jaxllm.loading.load import LoadedModel, load_model
+from jaxllm.outputs import CompletionOutput, RequestOutput, StreamDelta
+from jaxllm.sampling_params import SamplingParams
+
+
+def default_dtype():
+    """float32 on the CPU (bf16 is several times slower on XLA:CPU), bfloat16 on accelerators."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+class LLM:
+    """A loaded model ready to generate. `LLM()` loads the packaged SmolLM2 default model."""
+
+    def __init__(self, model: str | None = None, *, dtype=None, max_num_seqs: int = 32,
+                 max_model_len: int | None = None, decode_steps: int = 4, chat_template: str | None = None,
+                 progress: bool = True, loaded: LoadedModel | None = None):
+        dtype = dtype or default_dtype()
+        self.loaded = loaded or load_model(model, dtype, chat_template=chat_template, progress=progress)
+        self.config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
+        self.max_model_len = max_model_len or min(self.config.max_position_embeddings, 8192)
+        self.runner = ModelRunner(self.loaded.model, self.loaded.params, self.config, dtype, decode_steps)
+        self.engine = Engine(self.runner, self.tokenizer, max_num_seqs, self.max_model_len)
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
+        t = self.tokenizer
+        return render_chat(t.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=t.bos_token, eos_token=t.eos_token, tools=tools)
+
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError("a prompt must be a string or a list of token ids")
+
+    # ---- generation -----------------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for one prompt or a list (strings or token-id lists), all batched together."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        encoded = [self._encode(p) for p in prompts]
+        for (_, ids), p in zip(encoded, plist, strict=True):
+            self.engine.check_prompt(ids, p)
+        total = sum(p.n for p in plist)
+        longest = max(len(ids) + p.max_tokens for (_, ids), p in zip(encoded, plist, strict=True))
+        self.engine.reserve(total, longest)
+        seqs = [self.engine.add_request(ids, p) for (_, ids), p in zip(encoded, plist, strict=True)]
+        bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm or len(prompts) < 2)
+        done = set()
+        while self.engine.has_unfinished():
+            for u in self.engine.step():
+                if u.finished and all(s.finished for s in seqs_of(seqs, u.seq.request_id)):
+                    if u.seq.request_id not in done:
+                        done.add(u.seq.request_id)
+                        bar.update(1)
+        bar.close()
+        return [_request_output(group, text) for group, (text, _) in zip(seqs, encoded, strict=True)]
+
+    def chat(self, messages, params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Chat completion for one conversation (a list of messages) or a list of conversations."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.apply_chat_template(m) for m in convs]
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Yield text deltas of one prompt (string or token ids) as they are generated."""
+        params = params or SamplingParams()
+        _, ids = self._encode(prompt)
+        self.engine.check_prompt(ids, params)
+        self.engine.reserve(params.n, len(ids) + params.max_tokens)
+        self.engine.add_request(ids, params)
+        try:
+            while self.engine.has_unfinished():
+                for u in self.engine.step():
+                    if u.text or u.token_ids or u.finished:
+                        yield StreamDelta(u.seq.index, u.text, u.token_ids, u.logprobs,
+                                          u.seq.finish_reason if u.finished else None)
+        finally:
+            while self.engine.has_unfinished():  # an abandoned stream must not leave work behind
+                for s in list(self.engine.running.values()) + list(self.engine.waiting):
+                    self.engine.abort(s.request_id)
+                self.engine.step()
+
+    def stream_chat(self, messages, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        return self.stream(self.apply_chat_template(messages), params)
+
+
+def seqs_of(groups, request_id):
+    for g in groups:
+        if g[0].request_id == request_id:
+            return g
+    return []
+
+
+def _request_output(seqs, prompt_text) -> RequestOutput:
+    outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason, s.stop_reason,
+                             s.logprobs if s.params.logprobs is not None else None) for s in seqs]
+    return RequestOutput(seqs[0].request_id, prompt_text, seqs[0].prompt_ids, outs)

@@ -1,0 +1,117 @@
+"""Token sampling on device, per row of a batch: penalties, temperature, top-k/p, min-p, seeds, logprobs.
+
+All functions are pure and jittable; per-row settings are arrays, and the few static flags let the
+common cases (all greedy, no penalties, no filters) compile to less work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.sampling_params import MAX_TOP_LOGPROBS
+
+NEG_INF = -jnp.inf
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RowParams:
+    """Per-row sampling settings, each [batch]."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    min_tokens: jax.Array
+    seed: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerFlags:
+    """Static choices that select a compiled variant: skip work no row in the batch needs."""
+
+    sample: bool = False  # some row has temperature > 0
+    filters: bool = False  # some row uses top-k, top-p or min-p
+    penalties: bool = False  # some row has repetition/presence/frequency penalties or a logit bias
+    min_tokens: bool = False  # some row suppresses stop tokens for its first tokens
+    logprobs: bool = False  # some row asked for logprobs
+
+
+def apply_penalties(logits, params: RowParams, prompt_mask, counts, bias):
+    """logits [batch, vocab] -> penalised logits.
+
+    repetition_penalty divides positive and multiplies negative logits of every token seen in the
+    prompt or output (Hugging Face / CTRL); presence and frequency penalties subtract
+    `presence * (count > 0) + frequency * count` over output tokens (OpenAI); bias is added.
+    """
+    seen = prompt_mask | (counts > 0)
+    rep = params.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - params.frequency_penalty[:, None] * counts
+    logits = logits - params.presence_penalty[:, None] * (counts > 0)
+    return logits + bias
+
+
+def filter_logits(logits, top_k, top_p, min_p):
+    """Mask logits [batch, vocab] to -inf outside each row's top-k, top-p nucleus and min-p floor.
+
+    top_k [batch] (0: off), top_p [batch] (1: off), min_p [batch] (0: off). The highest-ranked token
+    always survives.
+    """
+    v = logits.shape[-1]
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.arange(v)[None, :]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    sorted_logits = jnp.where(keep, sorted_logits, NEG_INF)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= before < top_p[:, None]
+    keep &= probs >= min_p[:, None] * probs[:, :1]
+    keep |= rank == 0
+    mask = jnp.zeros_like(keep).at[jnp.arange(logits.shape[0])[:, None], order].set(keep)
+    return jnp.where(mask, logits, NEG_INF)
+
+
+def row_keys(seeds, steps):
+    """One PRNG key per row from its seed and its token index: the same seed gives the same draws in any batch."""
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seeds, steps)
+
+
+def sample(logits, params: RowParams, steps, flags: SamplerFlags, *, prompt_mask=None, counts=None, bias=None,
+           stop_mask=None):
+    """Pick one token per row. logits [batch, vocab] float32; steps [batch] tokens generated so far.
+
+    stop_mask [vocab] bool marks the stop tokens suppressed while steps < min_tokens.
+    Returns (tokens [batch] int32, logprob info or None): the info is (chosen logprob [batch],
+    top ids [batch, MAX_TOP_LOGPROBS], top logprobs [batch, MAX_TOP_LOGPROBS]) of the raw model logits.
+    """
+    raw = logits
+    if flags.penalties:
+        logits = apply_penalties(logits, params, prompt_mask, counts, bias)
+    if flags.min_tokens:
+        early = (steps < params.min_tokens)[:, None]
+        logits = jnp.where(early & stop_mask[None, :], NEG_INF, logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = greedy
+    if flags.sample:
+        temp = jnp.maximum(params.temperature, 1e-6)[:, None]
+        scaled = logits / temp
+        if flags.filters:
+            scaled = filter_logits(scaled, params.top_k, params.top_p, params.min_p)
+        keys = row_keys(params.seed, steps)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        tokens = jnp.where(params.temperature > 0, drawn, greedy)
+    info = None
+    if flags.logprobs:
+        logp = jax.nn.log_softmax(raw, axis=-1)
+        chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+        top_lp, top_ids = jax.lax.top_k(logp, MAX_TOP_LOGPROBS)
+        info = (chosen, top_ids.astype(jnp.int32), top_lp)
+    return tokens, info
