@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny random-weight Hugging Face models written to disk, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0)
+
+# name -> (transformers config class name, extra config fields)
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", {"rope_theta": 10000.0}),
+    "llama3_rope": ("LlamaConfig", {"rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+    "mistral": ("MistralConfig", {"sliding_window": 8, "head_dim": 16}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32, "tie_word_embeddings": False}),
+}
+
+
+def write_byte_tokenizer(folder, vocab_size: int):
+    """A byte-level BPE tokenizer.json (256 byte tokens, a few merges, specials) fitting `vocab_size`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from jaxllm.tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in chars:
+        vocab[c] = len(vocab)
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    assert len(vocab) <= vocab_size
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}"}))
+
+
+def make_tiny_model(folder, arch: str, seed: int = 0):
+    """Write a random-weight transformers model of `arch` (see TINY_ARCHS) with save_pretrained."""
+    import torch
+    import transformers
+
+    cls_name, extra = TINY_ARCHS[arch]
+    config = getattr(transformers, cls_name)(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch == "qwen2":  # give the qkv biases non-zero values so that they are tested
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    if arch == "qwen3":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1, 0.2)
+                layer.self_attn.k_norm.weight.normal_(1, 0.2)
+    model.save_pretrained(folder, safe_serialization=True)
+    write_byte_tokenizer(folder, TINY["vocab_size"])
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """arch -> (folder, transformers model) for every tiny architecture, built once per session."""
+    out = {}
+    for arch in TINY_ARCHS:
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        out[arch] = (folder, make_tiny_model(folder, arch))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from jaxllm.loading.resolve import resolve_model
+
+    return resolve_model("smollm2").path
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    from jaxllm import LLM
+
+    return LLM(str(smollm2_path), progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own GGUF loading of the SmolLM2 file: (model, tokenizer), float32."""
+    import torch
+    import transformers
+
+    kw = dict(gguf_file=smollm2_path.name)
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype=torch.float32, **kw)
+    return model.eval(), tok
