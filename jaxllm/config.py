@@ -81,7 +81,11 @@ def _rope_from_hf(raw: dict) -> tuple[float, RopeScaling]:
     """Read rope theta and scaling from either transformers 4.x or 5.x field names."""
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
-    merged = {**scaling, **params}
+    # transformers 5 writes `rope_parameters`; older files (or hand edits) put the scaling in `rope_scaling`.
+    if params.get("rope_type", "default") != "default":
+        merged = {**scaling, **params}
+    else:
+        merged = {**params, **scaling}
     theta = float(merged.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     fields = {f.name for f in dataclasses.fields(RopeScaling)}
