@@ -25,9 +25,18 @@ def default_dtype():
 class LLM:
     """A loaded model ready to generate. `LLM()` loads the packaged SmolLM2 default model."""
 
-    def __init__(self, model: str | None = None, *, dtype=None, max_num_seqs: int = 32,
-                 max_model_len: int | None = None, decode_steps: int = 4, chat_template: str | None = None,
-                 progress: bool = True, loaded: LoadedModel | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype=None,
+        max_num_seqs: int = 32,
+        max_model_len: int | None = None,
+        decode_steps: int = 4,
+        chat_template: str | None = None,
+        progress: bool = True,
+        loaded: LoadedModel | None = None,
+    ):
         dtype = dtype or default_dtype()
         self.loaded = loaded or load_model(model, dtype, chat_template=chat_template, progress=progress)
         self.config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
@@ -38,8 +47,14 @@ class LLM:
     # ---- prompts --------------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
         t = self.tokenizer
-        return render_chat(t.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=t.bos_token, eos_token=t.eos_token, tools=tools)
+        return render_chat(
+            t.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=t.bos_token,
+            eos_token=t.eos_token,
+            tools=tools,
+        )
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -49,8 +64,9 @@ class LLM:
         raise InvalidRequestError("a prompt must be a string or a list of token ids")
 
     # ---- generation -----------------------------------------------------------------------------
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self, prompts, params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists), all batched together."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
@@ -92,8 +108,9 @@ class LLM:
             while self.engine.has_unfinished():
                 for u in self.engine.step():
                     if u.text or u.token_ids or u.finished:
-                        yield StreamDelta(u.seq.index, u.text, u.token_ids, u.logprobs,
-                                          u.seq.finish_reason if u.finished else None)
+                        yield StreamDelta(
+                            u.seq.index, u.text, u.token_ids, u.logprobs, u.seq.finish_reason if u.finished else None
+                        )
         finally:
             while self.engine.has_unfinished():  # an abandoned stream must not leave work behind
                 for s in list(self.engine.running.values()) + list(self.engine.waiting):
@@ -112,6 +129,15 @@ def seqs_of(groups, request_id):
 
 
 def _request_output(seqs, prompt_text) -> RequestOutput:
-    outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason, s.stop_reason,
-                             s.logprobs if s.params.logprobs is not None else None) for s in seqs]
+    outs = [
+        CompletionOutput(
+            s.index,
+            s.text,
+            list(s.output_ids),
+            s.finish_reason,
+            s.stop_reason,
+            s.logprobs if s.params.logprobs is not None else None,
+        )
+        for s in seqs
+    ]
     return RequestOutput(seqs[0].request_id, prompt_text, seqs[0].prompt_ids, outs)

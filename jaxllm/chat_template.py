@@ -33,8 +33,7 @@ def _strftime_now(fmt):
 
 @lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -56,15 +55,29 @@ def validate_messages(messages) -> list[dict]:
     return messages
 
 
-def render_chat(template: str | None, messages, *, add_generation_prompt: bool = True, bos_token: str | None = "",
-                eos_token: str | None = "", tools=None, **extra) -> str:
+def render_chat(
+    template: str | None,
+    messages,
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str | None = "",
+    eos_token: str | None = "",
+    tools=None,
+    **extra,
+) -> str:
     """Render `messages` with `template`, passing the variables Hugging Face templates expect."""
     if not template:
         raise TokenizerError("this model has no chat template: pass one with --chat-template FILE or use generate")
     validate_messages(messages)
     try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=bos_token or "", eos_token=eos_token or "", tools=tools, **extra)
+        return _compile(template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token or "",
+            eos_token=eos_token or "",
+            tools=tools,
+            **extra,
+        )
     except _TemplateRaised as e:
         raise TokenizerError(f"the chat template refused these messages: {e}") from None
     except jinja2.TemplateError as e:

@@ -37,8 +37,12 @@ def _params(args, **overrides) -> SamplingParams:
 def _load(args):
     from jaxllm.api import LLM
 
-    return LLM(args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               chat_template=getattr(args, "chat_template", None))
+    return LLM(
+        args.model,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        chat_template=getattr(args, "chat_template", None),
+    )
 
 
 # ---- generate ------------------------------------------------------------------------------------
@@ -83,23 +87,29 @@ def _parse_line(line: str, lineno: int, path: str, args) -> dict:
         params = _params(args, **{k: v for k, v in obj.items() if k in PARAM_FIELDS})
     except (JaxLLMError, TypeError, ValueError, AttributeError) as e:
         bad(f"bad sampling value: {e}")
-    return {"id": obj.get("id", lineno), "prompt": obj.get("prompt"), "messages": obj.get("messages"),
-            "params": params}
+    return {"id": obj.get("id", lineno), "prompt": obj.get("prompt"), "messages": obj.get("messages"), "params": params}
 
 
 def _record(req: dict, out) -> dict:
     choices = []
     for c in out.outputs:
-        choice = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                  "token_ids": c.token_ids}
+        choice = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "token_ids": c.token_ids}
         if c.logprobs is not None:
             choice["logprobs"] = [dataclasses.asdict(lp) for lp in c.logprobs]
         choices.append(choice)
     u = out.usage
-    return {"id": req["id"], "text": choices[0]["text"], "finish_reason": choices[0]["finish_reason"],
-            "token_ids": choices[0]["token_ids"], "choices": choices,
-            "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                      "total_tokens": u.total_tokens}}
+    return {
+        "id": req["id"],
+        "text": choices[0]["text"],
+        "finish_reason": choices[0]["finish_reason"],
+        "token_ids": choices[0]["token_ids"],
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens,
+        },
+    }
 
 
 def cmd_generate(args) -> int:
@@ -125,8 +135,7 @@ def cmd_generate(args) -> int:
     if args.output is not None and not Path(args.output).resolve().parent.is_dir():
         raise InvalidRequestError(f"cannot write {args.output}: its folder does not exist")
     llm = _load(args)
-    prompts = [r["prompt"] if r["prompt"] is not None else llm.apply_chat_template(r["messages"])
-               for r in requests]
+    prompts = [r["prompt"] if r["prompt"] is not None else llm.apply_chat_template(r["messages"]) for r in requests]
     outs = llm.generate(prompts, [r["params"] for r in requests])
     records = (_record(r, o) for r, o in zip(requests, outs, strict=True))
     text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)

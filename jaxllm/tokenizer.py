@@ -21,8 +21,13 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
-               "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+GGUF_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
 
 
@@ -42,8 +47,15 @@ def bytes_to_unicode() -> dict[int, str]:
 class Tokenizer:
     """A `tokenizers` tokenizer plus what generation needs: BOS/EOS, chat template, special ids."""
 
-    def __init__(self, backend: HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 add_bos: bool = False, chat_template: str | None = None):
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+    ):
         self.backend = backend
         self.bos_token, self.eos_token = bos_token, eos_token
         self.add_bos = add_bos
@@ -82,15 +94,22 @@ class Tokenizer:
             template = jinja.read_text()
         elif isinstance(template, list):  # named templates: take "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        return cls(backend, bos_token=_token_text(cfg.get("bos_token")), eos_token=_token_text(cfg.get("eos_token")),
-                   add_bos=False, chat_template=template)
+        return cls(
+            backend,
+            bos_token=_token_text(cfg.get("bos_token")),
+            eos_token=_token_text(cfg.get("eos_token")),
+            add_bos=False,
+            chat_template=template,
+        )
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
         """Build a byte-level BPE tokenizer from `tokenizer.ggml.*` metadata."""
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported yet (supported: 'gpt2' byte-level BPE)")
+            raise TokenizerError(
+                f"GGUF tokenizer model {kind!r} is not supported yet (supported: 'gpt2' byte-level BPE)"
+            )
         tokens = list(meta["tokenizer.ggml.tokens"])
         types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
         spelling = bytes_to_unicode()
@@ -100,31 +119,51 @@ class Tokenizer:
             key = tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))
             vocab.setdefault(key, i)
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                         end_of_word_suffix="", fuse_unk=False))
+        backend = HFTokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=merges,
+                dropout=None,
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+                fuse_unk=False,
+            )
+        )
         split = GGUF_SPLITS.get(meta.get("tokenizer.ggml.pre"))
         if split:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
         else:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
-        control = [AddedToken(t, normalized=False, special=True)
-                   for t, ty in zip(tokens, types, strict=False) if ty == GGUF_CONTROL and set(t) <= alphabet]
+        control = [
+            AddedToken(t, normalized=False, special=True)
+            for t, ty in zip(tokens, types, strict=False)
+            if ty == GGUF_CONTROL and set(t) <= alphabet
+        ]
         backend.add_special_tokens(control)
-        user = [AddedToken(t, normalized=False, special=False)
-                for t, ty in zip(tokens, types, strict=False) if ty == GGUF_USER_DEFINED]
+        user = [
+            AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(tokens, types, strict=False)
+            if ty == GGUF_USER_DEFINED
+        ]
         backend.add_tokens(user)
 
         def tok(key):
             i = meta.get(f"tokenizer.ggml.{key}")
             return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-        return cls(backend, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-                   chat_template=meta.get("tokenizer.chat_template"))
+        return cls(
+            backend,
+            bos_token=tok("bos_token_id"),
+            eos_token=tok("eos_token_id"),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=meta.get("tokenizer.chat_template"),
+        )
 
 
 def _read_json(path: Path) -> dict:
@@ -154,7 +193,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids=(), skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
-        self.ids = list(prompt_ids[-self.CONTEXT:])
+        self.ids = list(prompt_ids[-self.CONTEXT :])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
@@ -162,10 +201,10 @@ class IncrementalDetokenizer:
     def add(self, token_ids) -> str:
         """Append new ids; return the newly completed text (possibly empty)."""
         self.ids.extend(int(t) for t in token_ids)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix):]
+            delta = full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             self.text += delta
             return delta
@@ -173,9 +212,9 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of generation: whatever is still held back (an incomplete character)."""
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
-        delta = full[len(prefix):] if len(full) > len(prefix) else ""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip)
+        delta = full[len(prefix) :] if len(full) > len(prefix) else ""
         self.prefix_offset = self.read_offset = len(self.ids)
         self.text += delta
         return delta

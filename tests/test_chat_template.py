@@ -11,8 +11,10 @@ MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 def test_renders_messages_bos_and_generation_prompt():
-    t = "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}" \
+    t = (
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
         "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
     assert render_chat(t, MSGS, bos_token="<s>") == "<s>[system]Be brief.[user]Hi[assistant]"
     assert render_chat(t, MSGS, bos_token="<s>", add_generation_prompt=False) == "<s>[system]Be brief.[user]Hi"
 

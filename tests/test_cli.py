@@ -18,8 +18,14 @@ GREEDY = ["--temperature", "0", "--max-tokens", "8"]
 
 
 def jaxllm(*args, stdin: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jaxllm", *map(str, args)], cwd=ROOT, input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxllm", *map(str, args)],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_error(proc: subprocess.CompletedProcess, *words: str) -> str:
@@ -56,11 +62,14 @@ def test_corrupt_gguf(tmp_path):
     assert_error(jaxllm("generate", "--model", bad, "hi"), "bad.gguf")
 
 
-@pytest.mark.parametrize("args,word", [
-    (["--temperature", "-1"], "temperature"),
-    (["--top-p", "0"], "top_p"),
-    (["--max-tokens", "0"], "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--max-tokens", "0"], "max_tokens"),
+    ],
+)
 def test_invalid_sampling_value(args, word):
     assert_error(jaxllm("generate", *args, "hi"), word)
 
@@ -80,19 +89,22 @@ def test_missing_prompt_and_misused_flags(tmp_path):
     assert_error(jaxllm("generate", "--input", tmp_path / "missing.jsonl"), "missing.jsonl")
 
 
-@pytest.mark.parametrize("bad_line,word", [
-    ('{"prompt": "unterminated', "invalid JSON"),
-    ({"text": "neither prompt nor messages"}, "unknown field 'text'"),
-    ({"max_tokens": 4}, "exactly one of"),
-    ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "exactly one of"),
-    ({"prompt": "hi", "temprature": 0.5}, "unknown field 'temprature'"),
-    ({"prompt": "hi", "temperature": -1}, "temperature"),
-    ({"prompt": "hi", "temperature": "hot"}, "bad sampling value"),
-    ({"prompt": "hi", "n": 0}, "n must be"),
-    ({"prompt": 42}, "'prompt' must be"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
-    ('["a list"]', "JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad_line,word",
+    [
+        ('{"prompt": "unterminated', "invalid JSON"),
+        ({"text": "neither prompt nor messages"}, "unknown field 'text'"),
+        ({"max_tokens": 4}, "exactly one of"),
+        ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "exactly one of"),
+        ({"prompt": "hi", "temprature": 0.5}, "unknown field 'temprature'"),
+        ({"prompt": "hi", "temperature": -1}, "temperature"),
+        ({"prompt": "hi", "temperature": "hot"}, "bad sampling value"),
+        ({"prompt": "hi", "n": 0}, "n must be"),
+        ({"prompt": 42}, "'prompt' must be"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+        ('["a list"]', "JSON object"),
+    ],
+)
 def test_malformed_jsonl_line(tmp_path, bad_line, word):
     reqs = write_jsonl(tmp_path / "r.jsonl", {"prompt": "fine"}, "", bad_line, {"prompt": "also fine"})
     out = tmp_path / "out.jsonl"
@@ -109,8 +121,7 @@ def test_bench_without_script():
 # ---- loading the real model (slow, at most four runs) ---------------------------------------------
 @pytest.mark.slow
 def test_generate_chat_answers():
-    proc = jaxllm("generate", "--chat", "What is the capital of France?",
-                  "--temperature", "0", "--max-tokens", "16")
+    proc = jaxllm("generate", "--chat", "What is the capital of France?", "--temperature", "0", "--max-tokens", "16")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "Traceback" not in proc.stderr

@@ -40,16 +40,30 @@ class Engine:
             raise InvalidRequestError("the prompt is empty: give at least one token of text")
         if len(prompt_ids) >= self.max_model_len:
             raise ContextLengthError(
-                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len}: shorten it")
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len}: shorten it"
+            )
         params.check_vocab(self.cfg.vocab_size)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> list[Sequence]:
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> list[Sequence]:
         """Queue `params.n` sequences for this prompt; returns them (finished ones report through step())."""
         self.check_prompt(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
-        seqs = [Sequence(request_id, i, prompt_ids, params, (base + 7919 * i) % 2**32, self.tokenizer,
-                         self.cfg.eos_token_ids, self.max_model_len) for i in range(params.n)]
+        seqs = [
+            Sequence(
+                request_id,
+                i,
+                prompt_ids,
+                params,
+                (base + 7919 * i) % 2**32,
+                self.tokenizer,
+                self.cfg.eos_token_ids,
+                self.max_model_len,
+            )
+            for i in range(params.n)
+        ]
         self.waiting.extend(seqs)
         return seqs
 

@@ -35,8 +35,14 @@ class DecodeState:
     @classmethod
     def zeros(cls, slots: int, vocab: int) -> DecodeState:
         z = lambda: jnp.zeros((slots,), jnp.int32)  # distinct buffers: each is donated on its own
-        return cls(z(), z(), z(), jnp.zeros((slots, vocab), bool), jnp.zeros((slots, vocab), jnp.int32),
-                   jnp.zeros((slots, vocab), jnp.float32))
+        return cls(
+            z(),
+            z(),
+            z(),
+            jnp.zeros((slots, vocab), bool),
+            jnp.zeros((slots, vocab), jnp.int32),
+            jnp.zeros((slots, vocab), jnp.float32),
+        )
 
 
 @dataclasses.dataclass
@@ -60,11 +66,15 @@ class ModelRunner:
         self.cache: KVCache | None = None
         self.state: DecodeState | None = None
         self.compiles: Counter = Counter()
-        self.stop_mask = jnp.zeros((cfg.vocab_size,), bool).at[jnp.asarray(cfg.eos_token_ids, jnp.int32)].set(True) \
-            if cfg.eos_token_ids else jnp.zeros((cfg.vocab_size,), bool)
+        self.stop_mask = (
+            jnp.zeros((cfg.vocab_size,), bool).at[jnp.asarray(cfg.eos_token_ids, jnp.int32)].set(True)
+            if cfg.eos_token_ids
+            else jnp.zeros((cfg.vocab_size,), bool)
+        )
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("flags",), donate_argnums=(1, 2))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("flags", "rows", "attn_len", "n_steps"),
-                               donate_argnums=(1, 2))
+        self._decode = jax.jit(
+            self._decode_fn, static_argnames=("flags", "rows", "attn_len", "n_steps"), donate_argnums=(1, 2)
+        )
 
     @property
     def slots(self) -> int:
@@ -90,36 +100,70 @@ class ModelRunner:
     def prefill(self, batch: PrefillBatch, flags: SamplerFlags):
         """Prefill prompts into their slots and sample each one's first token (device arrays)."""
         self.cache, self.state, first, info = self._prefill(
-            self.params, self.cache, self.state, jnp.asarray(batch.tokens), jnp.asarray(batch.lengths),
-            jnp.asarray(batch.slots), batch.params, jnp.asarray(batch.bias), self.stop_mask, flags=flags)
+            self.params,
+            self.cache,
+            self.state,
+            jnp.asarray(batch.tokens),
+            jnp.asarray(batch.lengths),
+            jnp.asarray(batch.slots),
+            batch.params,
+            jnp.asarray(batch.bias),
+            self.stop_mask,
+            flags=flags,
+        )
         return first, info
 
     def decode(self, params: RowParams, active: np.ndarray, rows: int, attn_len: int, flags: SamplerFlags):
         """Dispatch `decode_steps` decode steps over the first `rows` slots; returns device arrays
         (tokens [steps, rows], logprob info) without waiting for them."""
         self.cache, self.state, toks, info = self._decode(
-            self.params, self.cache, self.state, params, jnp.asarray(active), self.stop_mask,
-            flags=flags, rows=rows, attn_len=attn_len, n_steps=self.decode_steps)
+            self.params,
+            self.cache,
+            self.state,
+            params,
+            jnp.asarray(active),
+            self.stop_mask,
+            flags=flags,
+            rows=rows,
+            attn_len=attn_len,
+            n_steps=self.decode_steps,
+        )
         return toks, info
 
     def _prefill_fn(self, params, cache, state, tokens, lengths, slots, rp, bias, stop_mask, *, flags):
         self.compiles["prefill"] += 1
         rows, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (rows, t))
-        logits, cache = forward(self.model, params, tokens, positions, cache, slots,
-                                jnp.zeros((rows,), jnp.int32), 0, logits_index=lengths - 1)
+        logits, cache = forward(
+            self.model,
+            params,
+            tokens,
+            positions,
+            cache,
+            slots,
+            jnp.zeros((rows,), jnp.int32),
+            0,
+            logits_index=lengths - 1,
+        )
         vocab = logits.shape[-1]
         valid = positions < lengths[:, None]
         row_ix = jnp.arange(rows)[:, None]
         prompt_mask = jnp.zeros((rows, vocab), bool).at[row_ix, jnp.where(valid, tokens, vocab)].set(True, mode="drop")
         counts = jnp.zeros((rows, vocab), jnp.int32)
         zeros = jnp.zeros((rows,), jnp.int32)
-        first, info = sample(logits, rp, zeros, flags, prompt_mask=prompt_mask, counts=counts, bias=bias,
-                             stop_mask=stop_mask)
+        first, info = sample(
+            logits, rp, zeros, flags, prompt_mask=prompt_mask, counts=counts, bias=bias, stop_mask=stop_mask
+        )
         counts = counts.at[jnp.arange(rows), first].add(1)
         put = lambda dst, src: dst.at[slots].set(src, mode="drop")
-        state = DecodeState(put(state.tokens, first), put(state.positions, lengths), put(state.steps, zeros + 1),
-                            put(state.prompt_mask, prompt_mask), put(state.counts, counts), put(state.bias, bias))
+        state = DecodeState(
+            put(state.tokens, first),
+            put(state.positions, lengths),
+            put(state.steps, zeros + 1),
+            put(state.prompt_mask, prompt_mask),
+            put(state.counts, counts),
+            put(state.bias, bias),
+        )
         return cache, state, first, info
 
     def _decode_fn(self, params, cache, state, rp, active, stop_mask, *, flags, rows, attn_len, n_steps):
@@ -129,14 +173,28 @@ class ModelRunner:
 
         def step(carry, _):
             cache, st = carry
-            logits, cache = forward(self.model, params, st.tokens[:, None], st.positions[:, None], cache, None,
-                                    st.positions, attn_len)
-            tok, info = sample(logits[:, 0], rp, st.steps, flags, prompt_mask=st.prompt_mask, counts=st.counts,
-                               bias=st.bias, stop_mask=stop_mask)
+            logits, cache = forward(
+                self.model, params, st.tokens[:, None], st.positions[:, None], cache, None, st.positions, attn_len
+            )
+            tok, info = sample(
+                logits[:, 0],
+                rp,
+                st.steps,
+                flags,
+                prompt_mask=st.prompt_mask,
+                counts=st.counts,
+                bias=st.bias,
+                stop_mask=stop_mask,
+            )
             inc = active.astype(jnp.int32)
             counts = st.counts.at[jnp.arange(rows), tok].add(inc) if flags.penalties else st.counts
-            st = dataclasses.replace(st, tokens=jnp.where(active, tok, st.tokens), positions=st.positions + inc,
-                                     steps=st.steps + inc, counts=counts)
+            st = dataclasses.replace(
+                st,
+                tokens=jnp.where(active, tok, st.tokens),
+                positions=st.positions + inc,
+                steps=st.steps + inc,
+                counts=counts,
+            )
             return (cache, st), (tok, info)
 
         (cache, st), (toks, info) = jax.lax.scan(step, (cache, st), None, length=n_steps)
@@ -146,13 +204,17 @@ class ModelRunner:
 
 def row_params(plist, seeds, rows: int) -> RowParams:
     """Pack per-row SamplingParams (None for an empty row) and seeds into RowParams arrays [rows]."""
+
     def col(attr, default, dtype):
-        return np.array([getattr(p, attr) if p is not None else default for p in plist]
-                        + [default] * (rows - len(plist)), dtype)
+        return np.array(
+            [getattr(p, attr) if p is not None else default for p in plist] + [default] * (rows - len(plist)), dtype
+        )
 
     return RowParams(
-        temperature=col("temperature", 0.0, np.float32), top_k=col("top_k", 0, np.int32),
-        top_p=col("top_p", 1.0, np.float32), min_p=col("min_p", 0.0, np.float32),
+        temperature=col("temperature", 0.0, np.float32),
+        top_k=col("top_k", 0, np.int32),
+        top_p=col("top_p", 1.0, np.float32),
+        min_p=col("min_p", 0.0, np.float32),
         repetition_penalty=col("repetition_penalty", 1.0, np.float32),
         presence_penalty=col("presence_penalty", 0.0, np.float32),
         frequency_penalty=col("frequency_penalty", 0.0, np.float32),
@@ -167,9 +229,9 @@ def flags_for(plist) -> SamplerFlags:
     return SamplerFlags(
         sample=any(p.temperature > 0 for p in ps),
         filters=any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in ps),
-        penalties=any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.logit_bias
-                      for p in ps),
+        penalties=any(
+            p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or p.logit_bias for p in ps
+        ),
         min_tokens=any(p.min_tokens > 0 for p in ps),
         logprobs=any(p.logprobs is not None for p in ps),
     )
-

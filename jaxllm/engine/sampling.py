@@ -84,8 +84,9 @@ def row_keys(seeds, steps):
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seeds, steps)
 
 
-def sample(logits, params: RowParams, steps, flags: SamplerFlags, *, prompt_mask=None, counts=None, bias=None,
-           stop_mask=None):
+def sample(
+    logits, params: RowParams, steps, flags: SamplerFlags, *, prompt_mask=None, counts=None, bias=None, stop_mask=None
+):
     """Pick one token per row. logits [batch, vocab] float32; steps [batch] tokens generated so far.
 
     stop_mask [vocab] bool marks the stop tokens suppressed while steps < min_tokens.

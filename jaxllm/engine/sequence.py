@@ -31,8 +31,17 @@ class Update:
 class Sequence:
     """A prompt and its growing output; decides when it is finished."""
 
-    def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams, seed: int,
-                 tokenizer: Tokenizer, eos_ids: tuple[int, ...], max_len: int):
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        tokenizer: Tokenizer,
+        eos_ids: tuple[int, ...],
+        max_len: int,
+    ):
         self.request_id, self.index = request_id, index
         self.prompt_ids, self.params, self.seed = list(prompt_ids), params, seed
         self.output_ids: list[int] = []
@@ -93,6 +102,6 @@ class Sequence:
     def take_delta(self) -> str:
         """Text not yet handed out; while running, the tail that could start a stop string is held back."""
         end = len(self.text) if self.finished else max(self._emitted, len(self.text) - self._hold)
-        delta = self.text[self._emitted:end]
+        delta = self.text[self._emitted : end]
         self._emitted = end
         return delta

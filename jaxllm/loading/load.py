@@ -30,8 +30,9 @@ class LoadedModel:
     tokenizer: Tokenizer
 
 
-def load_model(ref=None, dtype=jnp.float32, chat_template: str | Path | None = None,
-               progress: bool = True) -> LoadedModel:
+def load_model(
+    ref=None, dtype=jnp.float32, chat_template: str | Path | None = None, progress: bool = True
+) -> LoadedModel:
     """Load a model from an alias ('smollm2'), a .gguf file, a Hugging Face folder or hub id."""
     files = resolve_model(ref)
     if files.kind == "gguf":

@@ -19,55 +19,76 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import ModelLoadError
 
 
-def _heads(n_attr: str, out: bool = False):
-    """[n*hd, d] -> [d, n, hd] (projections in), or [d, n*hd] -> [n, hd, d] (the output projection)."""
-
-    def f(w, c: ModelConfig):
-        n = getattr(c, n_attr)
-        if out:
-            return w.T.reshape(n, c.head_dim, w.shape[0])
-        return w.T.reshape(w.shape[1], n, c.head_dim)
-
-    return f
+def _out_proj(ws, c: ModelConfig):
+    """o_proj [d, heads*hd] -> [heads, hd, d]."""
+    (w,) = ws
+    return w.T.reshape(c.num_heads, c.head_dim, w.shape[0])
 
 
-def _bias(n_attr: str):
-    return lambda w, c: w.reshape(getattr(c, n_attr), c.head_dim)
+def _qkv(ws, c: ModelConfig):
+    """q [heads*hd, d], k, v [kv_heads*hd, d] -> [d, kv_heads, groups + 2, hd] (each group: its q heads, k, v)."""
+    q, k, v = ws
+    d = q.shape[1]
+    kvh, g, hd = c.num_kv_heads, c.num_groups, c.head_dim
+    parts = [q.T.reshape(d, kvh, g, hd), k.T.reshape(d, kvh, 1, hd), v.T.reshape(d, kvh, 1, hd)]
+    return np.concatenate(parts, axis=2)
 
 
-_T = lambda w, c: w.T
-_SAME = lambda w, c: w
+def _qkv_bias(ws, c: ModelConfig):
+    """q bias [heads*hd], k, v biases [kv_heads*hd] -> [kv_heads, groups + 2, hd]."""
+    q, k, v = ws
+    kvh, g, hd = c.num_kv_heads, c.num_groups, c.head_dim
+    return np.concatenate([q.reshape(kvh, g, hd), k.reshape(kvh, 1, hd), v.reshape(kvh, 1, hd)], axis=1)
 
-# (flax path under params/, Hugging Face name, GGUF name, transform). "{i}" marks a per-layer tensor.
-PARAM_TABLE: list[tuple[tuple[str, ...], str, str, Callable]] = [
-    (("embed",), "model.embed_tokens.weight", "token_embd.weight", _SAME),
-    (("final_norm", "scale"), "model.norm.weight", "output_norm.weight", _SAME),
-    (("lm_head",), "lm_head.weight", "output.weight", _T),
-    (("layers", "attn_norm", "scale"), "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", _SAME),
-    (("layers", "attn", "q"), "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight", _heads("num_heads")),
-    (("layers", "attn", "k"), "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight",
-     _heads("num_kv_heads")),
-    (("layers", "attn", "v"), "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight",
-     _heads("num_kv_heads")),
-    (("layers", "attn", "o"), "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight",
-     _heads("num_heads", out=True)),
-    (("layers", "attn", "q_bias"), "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias", _bias("num_heads")),
-    (("layers", "attn", "k_bias"), "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias",
-     _bias("num_kv_heads")),
-    (("layers", "attn", "v_bias"), "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias",
-     _bias("num_kv_heads")),
-    (("layers", "attn", "q_norm", "scale"), "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight",
-     _SAME),
-    (("layers", "attn", "k_norm", "scale"), "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight",
-     _SAME),
-    (("layers", "mlp_norm", "scale"), "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight",
-     _SAME),
-    (("layers", "mlp", "gate"), "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", _T),
-    (("layers", "mlp", "up"), "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", _T),
-    (("layers", "mlp", "down"), "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", _T),
-]
 
-GGUF_TO_HF = {gguf: hf for _, hf, gguf, _ in PARAM_TABLE}
+def _gate_up(ws, c: ModelConfig):
+    """gate, up [mlp, d] -> [d, 2, mlp]."""
+    return np.stack([ws[0].T, ws[1].T], axis=1)
+
+
+_T = lambda ws, c: ws[0].T
+_SAME = lambda ws, c: ws[0]
+
+_ATTN = "model.layers.{i}.self_attn."
+_MLP = "model.layers.{i}.mlp."
+# Flax path under params/ -> (Hugging Face source tensors, GGUF source tensors, transform(list of arrays, cfg)).
+# "{i}" marks a per-layer tensor; the transform turns torch-layout [out, in] tensors into our layout.
+PARAM_TABLE: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...], Callable]] = {
+    ("embed",): (("model.embed_tokens.weight",), ("token_embd.weight",), _SAME),
+    ("final_norm", "scale"): (("model.norm.weight",), ("output_norm.weight",), _SAME),
+    ("lm_head",): (("lm_head.weight",), ("output.weight",), _T),
+    ("layers", "attn_norm", "scale"): (
+        ("model.layers.{i}.input_layernorm.weight",),
+        ("blk.{i}.attn_norm.weight",),
+        _SAME,
+    ),
+    ("layers", "attn", "qkv"): (
+        tuple(f"{_ATTN}{p}_proj.weight" for p in "qkv"),
+        tuple(f"blk.{{i}}.attn_{p}.weight" for p in "qkv"),
+        _qkv,
+    ),
+    ("layers", "attn", "qkv_bias"): (
+        tuple(f"{_ATTN}{p}_proj.bias" for p in "qkv"),
+        tuple(f"blk.{{i}}.attn_{p}.bias" for p in "qkv"),
+        _qkv_bias,
+    ),
+    ("layers", "attn", "o"): ((f"{_ATTN}o_proj.weight",), ("blk.{i}.attn_output.weight",), _out_proj),
+    ("layers", "attn", "q_norm", "scale"): ((f"{_ATTN}q_norm.weight",), ("blk.{i}.attn_q_norm.weight",), _SAME),
+    ("layers", "attn", "k_norm", "scale"): ((f"{_ATTN}k_norm.weight",), ("blk.{i}.attn_k_norm.weight",), _SAME),
+    ("layers", "mlp_norm", "scale"): (
+        ("model.layers.{i}.post_attention_layernorm.weight",),
+        ("blk.{i}.ffn_norm.weight",),
+        _SAME,
+    ),
+    ("layers", "mlp", "gate_up"): (
+        (f"{_MLP}gate_proj.weight", f"{_MLP}up_proj.weight"),
+        ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
+        _gate_up,
+    ),
+    ("layers", "mlp", "down"): ((f"{_MLP}down_proj.weight",), ("blk.{i}.ffn_down.weight",), _T),
+}
+
+GGUF_TO_HF = {g: h for hf, gg, _ in PARAM_TABLE.values() for h, g in zip(hf, gg, strict=True)}
 
 
 def _flat_shapes(boxed) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
@@ -79,27 +100,33 @@ def _flat_shapes(boxed) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     return out
 
 
-def assemble_params(cfg: ModelConfig, boxed_shapes, read: Callable[[str], np.ndarray], dtype,
-                    progress: bool = True, desc: str = "loading weights"):
+def assemble_params(
+    cfg: ModelConfig,
+    boxed_shapes,
+    read: Callable[[str], np.ndarray],
+    dtype,
+    progress: bool = True,
+    desc: str = "loading weights",
+):
     """Build {'params': ...} with every array checked against the model's own shape description.
 
     boxed_shapes: `jax.eval_shape(model.init)` output; read(hf_name) -> array in Hugging Face layout.
     """
     shapes = _flat_shapes(boxed_shapes)
-    table = {path: (hf, fn) for path, hf, _, fn in PARAM_TABLE}
     tree: dict = {}
     np_dtype = jnp.dtype(dtype)
     for path in tqdm(shapes, desc=desc, disable=not progress, unit="tensor"):
-        if path not in table:
+        if path not in PARAM_TABLE:
             raise ModelLoadError(f"no loading rule for parameter {'/'.join(path)}")
-        hf, fn = table[path]
+        names, _, fn = PARAM_TABLE[path]
         want = shapes[path].shape
-        if "{i}" in hf:
+        if "{i}" in names[0]:
             arr = np.empty(want, np_dtype)
             for i in range(cfg.num_layers):
-                arr[i] = _checked(fn(read(hf.format(i=i)), cfg), want[1:], hf.format(i=i))
+                layer_names = [n.format(i=i) for n in names]
+                arr[i] = _checked(fn([read(n) for n in layer_names], cfg), want[1:], layer_names[0])
         else:
-            arr = _checked(fn(read(hf), cfg), want, hf).astype(np_dtype)
+            arr = _checked(fn([read(n) for n in names], cfg), want, names[0]).astype(np_dtype)
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})

@@ -79,8 +79,8 @@ class GatedMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         d, f = self.cfg.hidden_size, self.cfg.intermediate_size
-        gate = param(self, "gate", (d, f), ("embed", "mlp"), dtype=self.dtype)
-        up = param(self, "up", (d, f), ("embed", "mlp"), dtype=self.dtype)
+        # gate and up in one matmul: fewer, larger dots read the weights faster on every backend.
+        gate_up = param(self, "gate_up", (d, 2, f), ("embed", None, "mlp"), dtype=self.dtype)
         down = param(self, "down", (f, d), ("mlp", "embed"), dtype=self.dtype)
-        h = nn.silu(x @ gate) * (x @ up)
-        return h @ down
+        gu = jnp.einsum("btd,dcf->btcf", x, gate_up)
+        return (nn.silu(gu[:, :, 0]) * gu[:, :, 1]) @ down

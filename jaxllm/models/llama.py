@@ -26,19 +26,18 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, k_ctx, v_ctx, ctx_lens):
         """x [batch, seq, embed] -> (out [batch, seq, embed], k_new, v_new [batch, seq, kv_heads, head_dim])."""
         c, dt = self.cfg, self.dtype
-        d, h, kvh, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        wq = param(self, "q", (d, h, hd), ("embed", "q_heads", "head_dim"), dtype=dt)
-        wk = param(self, "k", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), dtype=dt)
-        wv = param(self, "v", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), dtype=dt)
+        d, h, kvh, hd, g = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_groups
+        # q, k and v in one matmul, grouped by kv head ([g query heads, k, v] per kv head) so that
+        # sharding over kv heads keeps each group whole.
+        wqkv = param(self, "qkv", (d, kvh, g + 2, hd), ("embed", "kv_heads", None, "head_dim"), dtype=dt)
         wo = param(self, "o", (h, hd, d), ("q_heads", "head_dim", "embed"), dtype=dt)
-        q = jnp.einsum("btd,dhk->bthk", x, wq)
-        k = jnp.einsum("btd,dhk->bthk", x, wk)
-        v = jnp.einsum("btd,dhk->bthk", x, wv)
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, wqkv)
         if c.attention_bias:
-            zeros = nn.initializers.zeros
-            q = q + param(self, "q_bias", (h, hd), ("q_heads", "head_dim"), zeros, dt)
-            k = k + param(self, "k_bias", (kvh, hd), ("kv_heads", "head_dim"), zeros, dt)
-            v = v + param(self, "v_bias", (kvh, hd), ("kv_heads", "head_dim"), zeros, dt)
+            bias = param(self, "qkv_bias", (kvh, g + 2, hd), ("kv_heads", None, "head_dim"), nn.initializers.zeros, dt)
+            qkv = qkv + bias
+        b, t = x.shape[:2]
+        q = qkv[:, :, :, :g].reshape(b, t, h, hd)
+        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         if c.qk_norm:
             q = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="k_norm")(k)
@@ -48,16 +47,25 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + gated MLP block; the body of the layer scan."""
+    """Pre-norm attention + gated MLP block; the body of the layer scan.
+
+    The layer reads its own slice of the cache: slicing inside the scan body lets XLA read the
+    cache in place, where slicing the stacked cache before the scan costs a full copy per call.
+    """
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    ctx_len: int = 0
 
     @nn.compact
     def __call__(self, x, shared, layer_cache):
-        """x [batch, seq, embed]; shared = (cos, sin, ctx_lens); layer_cache = (k_ctx, v_ctx) or (None, None)."""
-        cos, sin, ctx_lens = shared
+        """x [batch, seq, embed]; shared = (cos, sin, ctx_lens, slot_ids);
+        layer_cache = (k, v) [slots, max_len, kv_heads, head_dim] of this layer, or (None, None)."""
+        cos, sin, ctx_lens, slot_ids = shared
         k_ctx, v_ctx = layer_cache
+        if self.ctx_len:
+            rows = slice(0, x.shape[0]) if slot_ids is None else slot_ids
+            k_ctx, v_ctx = k_ctx[rows, : self.ctx_len], v_ctx[rows, : self.ctx_len]
         c = self.cfg
         with jax.named_scope("attention"):
             h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="attn_norm")(x)
@@ -76,12 +84,16 @@ class Transformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, positions, k_ctx, v_ctx, ctx_lens, logits_index=None):
+    def __call__(
+        self, tokens, positions, k_cache, v_cache, ctx_lens, slot_ids=None, ctx_len: int = 0, logits_index=None
+    ):
         """Run the model.
 
-        tokens, positions: [batch, seq] int32; k_ctx, v_ctx: [layers, batch, ctx_len, kv_heads, head_dim]
-        or None; ctx_lens: [batch] valid cached slots; logits_index: [batch] or None — when given, only
-        the logits at that position of each row are computed ([batch, vocab] instead of [batch, seq, vocab]).
+        tokens, positions: [batch, seq] int32; k_cache, v_cache: [layers, slots, max_len, kv_heads, head_dim]
+        or None; ctx_lens: [batch] valid cached slots; slot_ids: [batch] cache slot of each row, or None
+        when row b is slot b; ctx_len: static number of cache slots attended; logits_index: [batch] or
+        None — when given, only the logits at that position of each row are computed ([batch, vocab]
+        instead of [batch, seq, vocab]).
         Returns (logits, (k_new, v_new)) with k_new, v_new [layers, batch, seq, kv_heads, head_dim].
         """
         c, dt = self.cfg, self.dtype
@@ -95,8 +107,8 @@ class Transformer(nn.Module):
             in_axes=(nn.broadcast, 0),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, dt, name="layers")
-        x, (k_new, v_new) = layers(x, (cos, sin, ctx_lens), (k_ctx, v_ctx))
+        )(c, dt, ctx_len if k_cache is not None else 0, name="layers")
+        x, (k_new, v_new) = layers(x, (cos, sin, ctx_lens, slot_ids), (k_cache, v_cache))
         x = RMSNorm(c.rms_norm_eps, dtype=dt, name="final_norm")(x)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]

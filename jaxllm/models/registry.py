@@ -9,8 +9,12 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import UnsupportedModelError
 from jaxllm.models import llama
 
-FAMILIES = {"llama": llama.Transformer, "mistral": llama.Transformer, "qwen2": llama.Transformer,
-            "qwen3": llama.Transformer}
+FAMILIES = {
+    "llama": llama.Transformer,
+    "mistral": llama.Transformer,
+    "qwen2": llama.Transformer,
+    "qwen3": llama.Transformer,
+}
 
 
 def build_model(cfg: ModelConfig, dtype=jnp.float32):
@@ -24,8 +28,9 @@ def build_model(cfg: ModelConfig, dtype=jnp.float32):
 def param_shapes(model):
     """The boxed parameter description (shapes, dtypes, logical axes) without allocating weights."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, None, None,
-                                             jnp.zeros((1,), jnp.int32)))
+    return jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, None, None, jnp.zeros((1,), jnp.int32))
+    )
 
 
 def init_params(model, seed: int = 0):
@@ -45,12 +50,6 @@ def forward(model, params, tokens, positions, cache, slot_ids, ctx_lens, ctx_len
     ctx_lens: [batch] valid cached tokens per row; ctx_len: static number of cache slots to attend to;
     logits_index: [batch] or None (see Transformer). New keys/values land at `positions`.
     """
-    k_ctx = v_ctx = None
-    if ctx_len:
-        if slot_ids is None:
-            rows = tokens.shape[0]
-            k_ctx, v_ctx = cache.k[:, :rows, :ctx_len], cache.v[:, :rows, :ctx_len]
-        else:
-            k_ctx, v_ctx = cache.k[:, slot_ids, :ctx_len], cache.v[:, slot_ids, :ctx_len]
-    logits, (k_new, v_new) = model.apply(params, tokens, positions, k_ctx, v_ctx, ctx_lens, logits_index)
+    k, v = (cache.k, cache.v) if ctx_len else (None, None)
+    logits, (k_new, v_new) = model.apply(params, tokens, positions, k, v, ctx_lens, slot_ids, ctx_len, logits_index)
     return logits, cache.write(slot_ids, positions, k_new, v_new)

@@ -8,8 +8,16 @@ from jaxllm import ContextLengthError, InvalidRequestError, SamplingParams
 
 pytestmark = pytest.mark.slow
 
-QUESTIONS = ["What is 2+2?", "Name a color.", "Write a haiku about the sea.", "Who wrote Hamlet?",
-             "Say hello in French.", "What is the largest planet?", "Give me a random word.", "Count to five."]
+QUESTIONS = [
+    "What is 2+2?",
+    "Name a color.",
+    "Write a haiku about the sea.",
+    "Who wrote Hamlet?",
+    "Say hello in French.",
+    "What is the largest planet?",
+    "Give me a random word.",
+    "Count to five.",
+]
 
 
 def _prompts(llm):
@@ -28,8 +36,14 @@ def test_same_seed_same_output_alone_and_in_a_batch_of_8(smollm2):
 
 def test_different_seeds_give_different_samples(smollm2):
     p = _prompts(smollm2)[6]
-    outs = {tuple(smollm2.generate(p, SamplingParams(temperature=1.0, max_tokens=12, seed=s), use_tqdm=False)[0]
-                  .outputs[0].token_ids) for s in range(4)}
+    outs = {
+        tuple(
+            smollm2.generate(p, SamplingParams(temperature=1.0, max_tokens=12, seed=s), use_tqdm=False)[0]
+            .outputs[0]
+            .token_ids
+        )
+        for s in range(4)
+    }
     assert len(outs) > 1
 
 
@@ -47,8 +61,9 @@ def test_stop_token_ids_and_max_tokens(smollm2):
     p = smollm2.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     full = smollm2.generate(p, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0].outputs[0]
     third = full.token_ids[2]
-    o = smollm2.generate(p, SamplingParams(temperature=0, max_tokens=32, stop_token_ids=[third]),
-                         use_tqdm=False)[0].outputs[0]
+    o = smollm2.generate(p, SamplingParams(temperature=0, max_tokens=32, stop_token_ids=[third]), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert o.finish_reason == "stop" and o.stop_reason == third and o.token_ids == full.token_ids[:3]
     o = smollm2.generate(p, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].outputs[0]
     assert o.finish_reason == "length" and o.token_ids == full.token_ids[:5]
@@ -57,8 +72,7 @@ def test_stop_token_ids_and_max_tokens(smollm2):
 
 def test_n_logprobs_and_usage(smollm2):
     p = _prompts(smollm2)[1]
-    out = smollm2.generate(p, SamplingParams(temperature=1.0, n=2, max_tokens=8, logprobs=3, seed=5),
-                           use_tqdm=False)[0]
+    out = smollm2.generate(p, SamplingParams(temperature=1.0, n=2, max_tokens=8, logprobs=3, seed=5), use_tqdm=False)[0]
     assert [o.index for o in out.outputs] == [0, 1]
     for o in out.outputs:
         assert len(o.logprobs) == len(o.token_ids)

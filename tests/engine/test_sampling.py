@@ -50,8 +50,9 @@ def test_min_p_mask_on_hand_built_logits():
 
 def test_top_k_mask_per_row():
     logits = jnp.asarray([[1.0, 5.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
-    kept = np.isfinite(np.asarray(filter_logits(logits, jnp.array([2, 3]), jnp.array([1.0, 1.0]),
-                                                jnp.array([0.0, 0.0]))))
+    kept = np.isfinite(
+        np.asarray(filter_logits(logits, jnp.array([2, 3]), jnp.array([1.0, 1.0]), jnp.array([0.0, 0.0])))
+    )
     np.testing.assert_array_equal(kept, [[False, True, False, True], [True, True, True, False]])
 
 
@@ -75,15 +76,16 @@ def test_same_seed_same_draws_regardless_of_batch_neighbours():
     seeds = list(range(100, 108))
     batch, _ = sample(jnp.asarray(logits), _rp(*[p] * 8, seeds=seeds), jnp.full((8,), 3), flags_for([p]))
     for i in range(8):
-        alone, _ = sample(jnp.asarray(logits[i:i + 1]), _rp(p, seeds=[seeds[i]]), jnp.full((1,), 3), flags_for([p]))
+        alone, _ = sample(jnp.asarray(logits[i : i + 1]), _rp(p, seeds=[seeds[i]]), jnp.full((1,), 3), flags_for([p]))
         assert int(alone[0]) == int(batch[i])
 
 
 def test_sampling_follows_the_distribution():
     logits = jnp.log(jnp.asarray([[0.7, 0.2, 0.1]]))
     p = SamplingParams(temperature=1.0)
-    draws = [int(sample(logits, _rp(p, seeds=[s]), jnp.zeros((1,), jnp.int32), flags_for([p]))[0][0])
-             for s in range(400)]
+    draws = [
+        int(sample(logits, _rp(p, seeds=[s]), jnp.zeros((1,), jnp.int32), flags_for([p]))[0][0]) for s in range(400)
+    ]
     freq = np.bincount(draws, minlength=3) / 400
     np.testing.assert_allclose(freq, [0.7, 0.2, 0.1], atol=0.08)
 
@@ -106,11 +108,24 @@ def test_logprobs_are_log_softmax_of_raw_logits():
     np.testing.assert_allclose(np.asarray(top_lp)[:, :5], -np.sort(-ref, -1)[:, :5], atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0), dict(top_k=-1), dict(max_tokens=0),
-    dict(repetition_penalty=0.0), dict(presence_penalty=3.0), dict(n=0), dict(logprobs=50),
-    dict(logit_bias={5: 200.0}), dict(min_tokens=10, max_tokens=5), dict(stop=[""]),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-0.1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(min_p=2.0),
+        dict(top_k=-1),
+        dict(max_tokens=0),
+        dict(repetition_penalty=0.0),
+        dict(presence_penalty=3.0),
+        dict(n=0),
+        dict(logprobs=50),
+        dict(logit_bias={5: 200.0}),
+        dict(min_tokens=10, max_tokens=5),
+        dict(stop=[""]),
+    ],
+)
 def test_invalid_values_raise_a_typed_error(kwargs):
     with pytest.raises(InvalidSamplingParamsError):
         SamplingParams(**kwargs)

@@ -23,9 +23,16 @@ def _hf_reference(model, prompt):
     ids = torch.tensor([prompt])
     with torch.no_grad():
         prefill = model(ids).logits[0].numpy()
-        out = model.generate(ids, max_new_tokens=STEPS, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
-    tokens = out.sequences[0, len(prompt):].tolist()
+        out = model.generate(
+            ids,
+            max_new_tokens=STEPS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    tokens = out.sequences[0, len(prompt) :].tolist()
     step_logits = np.stack([lg[0].numpy() for lg in out.logits])
     return prefill, step_logits, tokens
 
@@ -42,8 +49,16 @@ def _our_logits(loaded, prompt, tokens):
     outs = [np.asarray(logits[0, -1])]
     for i, tok in enumerate(tokens[:-1]):
         pos = n + i
-        logits, cache = step(model, params, jnp.asarray([[tok]], jnp.int32), jnp.asarray([[pos]]), cache, None,
-                             jnp.asarray([pos], jnp.int32), 64)
+        logits, cache = step(
+            model,
+            params,
+            jnp.asarray([[tok]], jnp.int32),
+            jnp.asarray([[pos]]),
+            cache,
+            None,
+            jnp.asarray([pos], jnp.int32),
+            64,
+        )
         outs.append(np.asarray(logits[0, 0]))
     return prefill, np.stack(outs)
 

@@ -28,8 +28,16 @@ def test_prefill_logits_match_transformers(smollm2, hf_smollm2):
         ref = model(torch.tensor([ids])).logits[0].numpy()
     loaded = smollm2.loaded
     n = len(ids)
-    logits, _ = forward(loaded.model, loaded.params, jnp.asarray([ids]), jnp.arange(n)[None],
-                        _empty_cache(loaded.config, n), None, jnp.zeros((1,), jnp.int32), 0)
+    logits, _ = forward(
+        loaded.model,
+        loaded.params,
+        jnp.asarray([ids]),
+        jnp.arange(n)[None],
+        _empty_cache(loaded.config, n),
+        None,
+        jnp.zeros((1,), jnp.int32),
+        0,
+    )
     np.testing.assert_allclose(np.asarray(logits[0]), ref, atol=1e-3, rtol=0)
 
 
@@ -49,7 +57,7 @@ def test_64_greedy_tokens_match_transformers(smollm2, hf_smollm2):
     ids = _prompt_ids(smollm2)
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
-    ref_tokens = ref[0, len(ids):].tolist()
+    ref_tokens = ref[0, len(ids) :].tolist()
     # min_tokens masks EOS for all 64 tokens, exactly as transformers' min_new_tokens does.
     out = smollm2.generate(ids, SamplingParams(temperature=0, max_tokens=64, min_tokens=64), use_tqdm=False)
     assert out[0].outputs[0].token_ids == ref_tokens

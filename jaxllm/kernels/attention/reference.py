@@ -1,14 +1,14 @@
 """Reference attention in plain `jax.numpy`: causal, grouped-query, optional sliding window.
 
 A query block of new tokens attends to (a) the first `ctx_len` cached slots of its row, of which
-the first `ctx_lens[b]` are valid, and (b) the new tokens themselves, causally. Both parts share
-one softmax. Keeping the new keys out of the cache read means the cache can be passed in
-read-only and written once, after all layers, with one scatter.
+the first `ctx_lens[b]` are valid, and (b) the new tokens themselves, causally. The two parts
+share one softmax, merged through their common maximum, so nothing is concatenated. Keeping the
+new keys out of the cache read means the cache can be passed in read-only and written once, after
+all layers, with one scatter.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
@@ -31,24 +31,28 @@ def attention(q, k_new, v_new, k_ctx, v_ctx, ctx_lens, sliding_window: int | Non
     new_mask = ki <= qi
     if sliding_window:
         new_mask &= (qi - ki) < sliding_window
-    scores = [jnp.einsum("btkgd,bskd->bkgts", qg, k_new, preferred_element_type=jnp.float32)]
-    masks = [jnp.broadcast_to(new_mask[None, None, None], scores[0].shape)]
+    s_new = jnp.einsum("btkgd,bskd->bkgts", qg, k_new, preferred_element_type=jnp.float32)
+    s_new = jnp.where(new_mask, s_new, NEG_INF)
+    m = s_new.max(-1)
 
     if k_ctx is not None:
-        s = k_ctx.shape[1]
-        slot = jnp.arange(s)[None, None, :]
-        ctx_mask = slot < ctx_lens[:, None, None]
+        slot = jnp.arange(k_ctx.shape[1])[None, None, :]
+        ctx_mask = slot < ctx_lens[:, None, None]  # [b, 1, s]
         if sliding_window:
             q_pos = ctx_lens[:, None, None] + jnp.arange(t)[None, :, None]
-            ctx_mask &= (q_pos - slot) < sliding_window
-        ctx_scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_ctx, preferred_element_type=jnp.float32)
-        scores.insert(0, ctx_scores)
-        masks.insert(0, jnp.broadcast_to(ctx_mask[:, None, None], ctx_scores.shape))
+            ctx_mask = ctx_mask & ((q_pos - slot) < sliding_window)  # [b, t, s]
+        s_ctx = jnp.einsum("btkgd,bskd->bkgts", qg, k_ctx, preferred_element_type=jnp.float32)
+        s_ctx = jnp.where(ctx_mask[:, None, None], s_ctx, NEG_INF)
+        m = jnp.maximum(m, s_ctx.max(-1))
 
-    logits = jnp.where(jnp.concatenate(masks, -1), jnp.concatenate(scores, -1), NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_new.dtype)
-
-    out = jnp.einsum("bkgts,bskd->btkgd", probs[..., -t:], v_new)
+    p_new = jnp.exp(s_new - m[..., None])
+    denom = p_new.sum(-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", p_new.astype(v_new.dtype), v_new, preferred_element_type=jnp.float32)
     if k_ctx is not None:
-        out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., :-t], v_ctx)
-    return out.reshape(b, t, h, d)
+        p_ctx = jnp.exp(s_ctx - m[..., None])
+        denom = denom + p_ctx.sum(-1)
+        out = out + jnp.einsum(
+            "bkgts,bskd->btkgd", p_ctx.astype(v_ctx.dtype), v_ctx, preferred_element_type=jnp.float32
+        )
+    out = out / jnp.moveaxis(denom, -1, 1)[..., None]
+    return out.reshape(b, t, h, d).astype(q.dtype)
