@@ -112,10 +112,12 @@ def test_malformed_jsonl_line(tmp_path, bad_line, word):
     assert not out.exists()
 
 
-def test_bench_without_script():
-    if (ROOT / "scripts" / "bench.py").exists():
-        pytest.skip("scripts/bench.py exists")
-    assert_error(jaxllm("bench"), "bench.py")
+def test_bench_reaches_the_benchmark_script():
+    proc = jaxllm("bench", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--no-transformers" in proc.stdout
+    proc = jaxllm("bench", "--tokens", "1")
+    assert proc.returncode == 2 and "--tokens must be >= 2" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ---- loading the real model (slow, at most four runs) ---------------------------------------------

@@ -115,3 +115,23 @@ def test_unsupported_architecture_and_bad_config(tiny_copy):
     (tiny_copy / "config.json").write_text(json.dumps({**cfg, "hidden_size": 32}))
     with pytest.raises(ModelLoadError):
         load_model(tiny_copy, progress=False)
+
+
+@pytest.mark.slow
+def test_generation_config_eos_list_is_used(tiny_copy):
+    (tiny_copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    cfg = load_model(tiny_copy, progress=False).config
+    assert set(cfg.eos_token_ids) == {2, 7}
+
+
+@pytest.mark.slow
+def test_every_eos_id_stops_generation(tiny_copy):
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM(str(tiny_copy), max_model_len=64, progress=False)
+    free = llm.generate([1, 17, 42], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    second = free[0].outputs[0].token_ids[1]
+    (tiny_copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, second]}))
+    llm = LLM(str(tiny_copy), max_model_len=64, progress=False)
+    out = llm.generate([1, 17, 42], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == second and len(out.token_ids) <= 2
