@@ -23,7 +23,12 @@ def default_dtype():
 
 
 class LLM:
-    """A loaded model ready to generate. `LLM()` loads the packaged SmolLM2 default model."""
+    """A loaded model ready to generate. `LLM()` loads the packaged SmolLM2 default model.
+
+    max_num_seqs: sequences decoded together; max_model_len: context limit (prompt + output);
+    decode_steps: decode steps per dispatch; token_budget: tokens computed per step (longer prompts
+    are prefilled in chunks of at most this many tokens).
+    """
 
     def __init__(
         self,
@@ -33,6 +38,7 @@ class LLM:
         max_num_seqs: int = 32,
         max_model_len: int | None = None,
         decode_steps: int = 4,
+        token_budget: int = 2048,
         chat_template: str | None = None,
         progress: bool = True,
         loaded: LoadedModel | None = None,
@@ -42,7 +48,7 @@ class LLM:
         self.config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.max_model_len = max_model_len or min(self.config.max_position_embeddings, 8192)
         self.runner = ModelRunner(self.loaded.model, self.loaded.params, self.config, dtype, decode_steps)
-        self.engine = Engine(self.runner, self.tokenizer, max_num_seqs, self.max_model_len)
+        self.engine = Engine(self.runner, self.tokenizer, max_num_seqs, self.max_model_len, token_budget)
 
     # ---- prompts --------------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
@@ -103,7 +109,7 @@ class LLM:
         _, ids = self._encode(prompt)
         self.engine.check_prompt(ids, params)
         self.engine.reserve(params.n, len(ids) + params.max_tokens)
-        self.engine.add_request(ids, params)
+        rid = self.engine.add_request(ids, params)[0].request_id
         try:
             while self.engine.has_unfinished():
                 for u in self.engine.step():
@@ -111,10 +117,9 @@ class LLM:
                         yield StreamDelta(
                             u.seq.index, u.text, u.token_ids, u.logprobs, u.seq.finish_reason if u.finished else None
                         )
-        finally:
-            while self.engine.has_unfinished():  # an abandoned stream must not leave work behind
-                for s in list(self.engine.running.values()) + list(self.engine.waiting):
-                    self.engine.abort(s.request_id)
+        finally:  # an abandoned stream must not leave work behind
+            self.engine.abort(rid)
+            while self.engine.has_unfinished():
                 self.engine.step()
 
     def stream_chat(self, messages, params: SamplingParams | None = None) -> Iterator[StreamDelta]:

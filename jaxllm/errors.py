@@ -34,3 +34,15 @@ class InvalidSamplingParamsError(JaxLLMError, ValueError):
 
 class InvalidRequestError(JaxLLMError, ValueError):
     """A request is malformed (bad JSONL line, unknown field, wrong type)."""
+
+
+class QueueFullError(JaxLLMError):
+    """The waiting queue is at its limit (--max-waiting): retry later."""
+
+
+class EngineShutdownError(JaxLLMError):
+    """The engine is shutting down and admits no new requests."""
+
+
+class ModelMismatchError(JaxLLMError):
+    """A request names a model this server does not serve."""

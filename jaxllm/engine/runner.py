@@ -47,13 +47,17 @@ class DecodeState:
 
 @dataclasses.dataclass
 class PrefillBatch:
-    """Host-side inputs of one prefill: tokens [rows, T] padded, lengths/slots [rows], row params, bias [rows, V]."""
+    """Host-side inputs of one prefill: tokens [rows, T] padded; starts (tokens already cached), lengths
+    (tokens in this chunk) and slots [rows]; row params; bias [rows, V]; ctx_len: static cached prefix
+    bucket the chunk attends to (0 for a prompt's first chunk)."""
 
     tokens: np.ndarray
+    starts: np.ndarray
     lengths: np.ndarray
     slots: np.ndarray
     params: RowParams
     bias: np.ndarray
+    ctx_len: int = 0
 
 
 class ModelRunner:
@@ -71,7 +75,7 @@ class ModelRunner:
             if cfg.eos_token_ids
             else jnp.zeros((cfg.vocab_size,), bool)
         )
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("flags",), donate_argnums=(1, 2))
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("flags", "ctx_len"), donate_argnums=(1, 2))
         self._decode = jax.jit(
             self._decode_fn, static_argnames=("flags", "rows", "attn_len", "n_steps"), donate_argnums=(1, 2)
         )
@@ -98,18 +102,21 @@ class ModelRunner:
         return max(1, min(self.slots, self.max_prefill_tokens // length_bucket))
 
     def prefill(self, batch: PrefillBatch, flags: SamplerFlags):
-        """Prefill prompts into their slots and sample each one's first token (device arrays)."""
+        """Prefill prompt chunks into their slots and sample a token after each (device arrays; only a
+        prompt's last chunk's token is meaningful)."""
         self.cache, self.state, first, info = self._prefill(
             self.params,
             self.cache,
             self.state,
             jnp.asarray(batch.tokens),
+            jnp.asarray(batch.starts),
             jnp.asarray(batch.lengths),
             jnp.asarray(batch.slots),
             batch.params,
             jnp.asarray(batch.bias),
             self.stop_mask,
             flags=flags,
+            ctx_len=batch.ctx_len,
         )
         return first, info
 
@@ -130,25 +137,20 @@ class ModelRunner:
         )
         return toks, info
 
-    def _prefill_fn(self, params, cache, state, tokens, lengths, slots, rp, bias, stop_mask, *, flags):
+    def _prefill_fn(self, params, cache, state, tokens, starts, lengths, slots, rp, bias, stop_mask, *, flags, ctx_len):
         self.compiles["prefill"] += 1
         rows, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (rows, t))
+        offsets = jnp.arange(t, dtype=jnp.int32)[None]
+        positions = starts[:, None] + offsets
         logits, cache = forward(
-            self.model,
-            params,
-            tokens,
-            positions,
-            cache,
-            slots,
-            jnp.zeros((rows,), jnp.int32),
-            0,
-            logits_index=lengths - 1,
+            self.model, params, tokens, positions, cache, slots, starts, ctx_len, logits_index=lengths - 1
         )
         vocab = logits.shape[-1]
-        valid = positions < lengths[:, None]
+        valid = offsets < lengths[:, None]
         row_ix = jnp.arange(rows)[:, None]
-        prompt_mask = jnp.zeros((rows, vocab), bool).at[row_ix, jnp.where(valid, tokens, vocab)].set(True, mode="drop")
+        # The prompt mask of a chunked prompt accumulates over its chunks; the first chunk starts it afresh.
+        earlier = jnp.where((starts > 0)[:, None], state.prompt_mask[jnp.minimum(slots, self.slots - 1)], False)
+        prompt_mask = earlier.at[row_ix, jnp.where(valid, tokens, vocab)].set(True, mode="drop")
         counts = jnp.zeros((rows, vocab), jnp.int32)
         zeros = jnp.zeros((rows,), jnp.int32)
         first, info = sample(
@@ -158,7 +160,7 @@ class ModelRunner:
         put = lambda dst, src: dst.at[slots].set(src, mode="drop")
         state = DecodeState(
             put(state.tokens, first),
-            put(state.positions, lengths),
+            put(state.positions, starts + lengths),
             put(state.steps, zeros + 1),
             put(state.prompt_mask, prompt_mask),
             put(state.counts, counts),

@@ -41,6 +41,7 @@ class Sequence:
         tokenizer: Tokenizer,
         eos_ids: tuple[int, ...],
         max_len: int,
+        arrival: float = 0.0,
     ):
         self.request_id, self.index = request_id, index
         self.prompt_ids, self.params, self.seed = list(prompt_ids), params, seed
@@ -49,6 +50,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.slot: int | None = None
+        self.arrival = arrival
+        self.num_computed = 0  # prompt tokens already dispatched into the KV cache
+        self.inflight = 0  # tokens dispatched to the device whose results are not read yet
         self.max_len = max_len
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
@@ -63,6 +67,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed == len(self.prompt_ids)
+
+    def wants_more(self) -> bool:
+        """True while tokens beyond those already in flight may still be needed."""
+        return self.remaining() > self.inflight
 
     def remaining(self) -> int:
         """Tokens this sequence may still generate (by max_tokens and by the context)."""

@@ -98,3 +98,19 @@ def test_prompt_too_long_is_a_context_error(smollm2):
         smollm2.generate([5] * (smollm2.max_model_len + 1), SamplingParams(max_tokens=4), use_tqdm=False)
     with pytest.raises(InvalidRequestError):
         smollm2.generate([[]], SamplingParams(max_tokens=4), use_tqdm=False)
+
+
+def test_chunked_prefill_gives_the_same_output(smollm2_path):
+    from jaxllm import LLM
+
+    whole = LLM(str(smollm2_path), progress=False, max_model_len=512)
+    chunked = LLM(loaded=whole.loaded, max_model_len=512, token_budget=24)
+    prompt = whole.apply_chat_template([{"role": "user", "content": "Explain, in a few sentences, " * 6 + "tides."}])
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=2)
+    a = whole.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    b = chunked.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert len(whole.tokenizer.encode(prompt)) > 3 * 24
+    assert chunked.engine.prefilled_tokens == whole.engine.prefilled_tokens
+    assert a.token_ids == b.token_ids
+    for x, y in zip(a.logprobs, b.logprobs, strict=True):
+        assert abs(x.logprob - y.logprob) < 1e-3
