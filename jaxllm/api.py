@@ -39,6 +39,7 @@ class LLM:
         max_model_len: int | None = None,
         decode_steps: int = 4,
         token_budget: int = 2048,
+        max_waiting: int | None = None,
         chat_template: str | None = None,
         progress: bool = True,
         loaded: LoadedModel | None = None,
@@ -48,7 +49,7 @@ class LLM:
         self.config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.max_model_len = max_model_len or min(self.config.max_position_embeddings, 8192)
         self.runner = ModelRunner(self.loaded.model, self.loaded.params, self.config, dtype, decode_steps)
-        self.engine = Engine(self.runner, self.tokenizer, max_num_seqs, self.max_model_len, token_budget)
+        self.engine = Engine(self.runner, self.tokenizer, max_num_seqs, self.max_model_len, token_budget, max_waiting)
 
     # ---- prompts --------------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:

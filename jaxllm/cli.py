@@ -17,6 +17,7 @@ from pathlib import Path
 from jaxllm.chat_template import validate_messages
 from jaxllm.errors import InvalidRequestError, JaxLLMError
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.serving import serve_command
 
 PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 FLAG_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop")
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--temperature", type=float, default=None)
 
     parser = argparse.ArgumentParser(prog="jaxllm", description="A JAX/XLA inference engine for LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,run,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,run,serve,bench}")
     gen = sub.add_parser("generate", parents=[common], help="complete one prompt or a JSONL batch")
     gen.add_argument("prompt", nargs="?", default=None, metavar="PROMPT")
     for flag, typ in (("--top-p", float), ("--top-k", int), ("--min-p", float), ("--seed", int)):
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="chat interactively")
     run.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
     run.set_defaults(func=cmd_run)
+    serve_command.add_parser(sub, _positive)
     sub.add_parser("bench", help="run scripts/bench.py (all arguments go to it)", add_help=False)
     return parser
 

@@ -5,7 +5,11 @@ The CLI prints the message and exits 2; the server (later) maps each type to one
 
 
 class JaxLLMError(Exception):
-    """Base class of every error jaxllm raises on purpose."""
+    """Base class of every error jaxllm raises on purpose; `param` names the offending field, if any."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ModelNotFoundError(JaxLLMError):

@@ -41,7 +41,7 @@ class SamplingParams:
 
     def _check(self):
         def bad(msg):
-            raise InvalidSamplingParamsError(msg)
+            raise InvalidSamplingParamsError(msg, param=msg.split(" ", 1)[0])
 
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")

@@ -1,0 +1,196 @@
+"""The asyncio face of the engine: one background thread owns the device and steps the engine;
+each request gets an async stream of its outputs.
+
+Requests and aborts reach the thread as commands through a condition variable (no polling);
+outputs go back to each request's asyncio queue with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from jaxllm.engine.engine import Engine
+from jaxllm.engine.sequence import TokenLogprob
+from jaxllm.errors import EngineShutdownError
+from jaxllm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StreamOutput:
+    """New output of one completion (`index` of n) since the previous one."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+
+
+@dataclasses.dataclass
+class EngineStats:
+    waiting: int = 0
+    running: int = 0
+    slots: int = 0
+    kv_used_tokens: int = 0
+    kv_capacity_tokens: int = 0
+
+
+class _Request:
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int):
+        self.loop, self.queue, self.open = loop, asyncio.Queue(), n
+
+
+class AsyncEngine:
+    """Thread-owned Engine with `generate()` async streams, `abort()`, and a graceful `shutdown()`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._commands: list = []
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.accepting = False
+        self.stats = EngineStats()
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Size the cache for serving and start the engine thread."""
+        e = self.engine
+        e.reserve(e.max_num_seqs, e.max_model_len)
+        self._thread = threading.Thread(target=self._run, name="jaxllm-engine", daemon=True)
+        self._thread.start()
+        self.accepting = True
+
+    def warmup(self, prompt_ids: list[int]) -> None:
+        """Compile the common steps before serving: a greedy and a sampled request, run to the end."""
+        for params in (
+            SamplingParams(temperature=0, max_tokens=8),
+            SamplingParams(temperature=1, top_p=0.9, max_tokens=8, seed=0),
+        ):
+            self.engine.add_request(prompt_ids, params)
+            while self.engine.has_unfinished():
+                self.engine.step()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop admitting, let running requests finish for up to `timeout` seconds, abort the rest, stop."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self._requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._requests):
+            self.abort(rid)
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    # ---- requests -------------------------------------------------------------------------------
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[StreamOutput]:
+        """Stream the outputs of one request. Raises typed errors (queue full, context) before the first."""
+        if not self.accepting:
+            raise EngineShutdownError("the server is shutting down: retry on another instance")
+        self.engine.check_prompt(prompt_ids, params)
+        rid = request_id or f"req-{next(self._ids)}"
+        req = _Request(asyncio.get_running_loop(), params.n)
+        added: concurrent.futures.Future = concurrent.futures.Future()
+        self._requests[rid] = req
+        self._send(("add", rid, prompt_ids, params, added))
+        try:
+            await asyncio.wrap_future(added)
+            while req.open:
+                out = await req.queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                if out.finish_reason is not None:
+                    req.open -= 1
+                yield out
+        finally:
+            if req.open:  # the consumer left early: free its slots now
+                self.abort(rid)
+            self._requests.pop(rid, None)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def _send(self, command) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    # ---- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._commands and not self.engine.has_unfinished() and not self._stop:
+                    self._cond.wait()
+                if self._stop and not self.engine.has_unfinished():
+                    return
+                commands, self._commands = self._commands, []
+            for cmd in commands:
+                self._apply(cmd)
+            if self.engine.has_unfinished():
+                try:
+                    self._deliver(self.engine.step())
+                except Exception as e:  # a device failure must reach the waiting clients, not kill the thread
+                    log.exception("engine step failed")
+                    self._fail_all(e)
+            self._update_stats()
+
+    def _apply(self, cmd) -> None:
+        if cmd[0] == "add":
+            _, rid, prompt_ids, params, fut = cmd
+            try:
+                self.engine.add_request(prompt_ids, params, rid)
+                fut.set_result(None)
+            except Exception as e:
+                self._requests.pop(rid, None)
+                fut.set_exception(e)
+        elif cmd[0] == "abort":
+            self.engine.abort(cmd[1])
+
+    def _deliver(self, updates) -> None:
+        for u in updates:
+            req = self._requests.get(u.seq.request_id)
+            if req is None:
+                continue
+            s = u.seq
+            out = StreamOutput(
+                s.index,
+                u.text,
+                u.token_ids,
+                u.logprobs,
+                s.finish_reason if u.finished else None,
+                s.stop_reason if u.finished else None,
+            )
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid, req in list(self._requests.items()):
+            self.engine.abort(rid)
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, error)
+
+    def _update_stats(self) -> None:
+        sched, runner = self.engine.scheduler, self.engine.runner
+        running = list(sched.running.values())
+        self.stats = EngineStats(
+            waiting=len(sched.waiting),
+            running=len(running),
+            slots=sched.max_seqs,
+            kv_used_tokens=sum(s.num_tokens for s in running),
+            kv_capacity_tokens=runner.slots * runner.max_len,
+        )

@@ -1,0 +1,107 @@
+"""The Starlette app factory: routes, error handlers, API-key check, and the engine's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from jaxllm.api import LLM
+from jaxllm.engine.async_engine import AsyncEngine
+from jaxllm.errors import JaxLLMError
+from jaxllm.serving.errors import AuthenticationError, error_body, error_response, status_of
+from jaxllm.serving.metrics import Metrics
+from jaxllm.serving.routes import chat, completions, info
+from jaxllm.serving.routes.common import ServerState
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = ("/health", "/metrics", "/openapi.json")
+
+
+def create_app(
+    llm: LLM,
+    *,
+    served_model_name: str | list[str] | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = 4 * 2**20,
+    shutdown_timeout: float = 30.0,
+    warmup: bool = True,
+) -> Starlette:
+    """An OpenAI-compatible app serving `llm`; the engine thread lives as long as the app's lifespan."""
+    names = served_model_name or [llm.loaded.name]
+    state = ServerState(
+        llm, None, [names] if isinstance(names, str) else list(names), Metrics(), max_body_bytes, api_key
+    )
+
+    def prepare() -> None:
+        """Compile the common steps and start the engine thread (off the event loop: /health says 503 meanwhile)."""
+        engine = AsyncEngine(llm.engine)
+        if warmup:
+            engine.engine.reserve(llm.engine.max_num_seqs, llm.max_model_len)
+            engine.warmup(llm.tokenizer.encode("Hello, warm-up.") or [0])
+        engine.start()
+        state.engine, state.ready = engine, True
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        starting = asyncio.create_task(asyncio.to_thread(prepare))
+        try:
+            yield
+        finally:
+            state.ready = False
+            await starting
+            await state.engine.shutdown(shutdown_timeout)
+
+    routes = [
+        Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions.completions, methods=["POST"]),
+        Route("/v1/models", info.models, methods=["GET"]),
+        Route("/health", info.health, methods=["GET"]),
+        Route("/metrics", info.metrics, methods=["GET"]),
+        Route("/openapi.json", info.openapi, methods=["GET"]),
+    ]
+
+    async def on_error(request: Request, exc: Exception):
+        status, _ = status_of(exc)
+        if status == 500:
+            log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+        state.metrics.requests.labels(str(status)).inc()
+        return error_response(exc)
+
+    async def on_http(request: Request, exc: HTTPException):
+        state.metrics.requests.labels(str(exc.status_code)).inc()
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    handlers = {JaxLLMError: on_error, HTTPException: on_http, Exception: on_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app.state.server = state
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=on_error)
+    return app
+
+
+class APIKeyMiddleware:
+    """Pure ASGI check of `Authorization: Bearer <key>` on every route but health, metrics and the spec."""
+
+    def __init__(self, app, api_key: str, on_error):
+        self.app, self.key, self.on_error = app, api_key.encode(), on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            request = Request(scope, receive)
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), self.key):
+                error = AuthenticationError("a valid API key is required: send 'Authorization: Bearer <key>'")
+                response = await self.on_error(request, error)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,1 @@
+"""Route handlers; each takes the Starlette request and the shared ServerState."""

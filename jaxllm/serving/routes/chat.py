@@ -1,0 +1,116 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from jaxllm.errors import InvalidRequestError
+from jaxllm.serving.protocol import ChatCompletionRequest
+from jaxllm.serving.routes.common import first_and_rest, parse_body, request_id, resolve_max_tokens, tracked
+from jaxllm.serving.sse import DONE, event
+
+
+def _logprobs(tokenizer, lps) -> list[dict]:
+    def entry(tok_id, lp):
+        text = tokenizer.token_str(tok_id)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]
+
+
+async def chat_completions(request: Request):
+    state = request.app.state.server
+    start = time.monotonic()
+    req = await parse_body(request, state, ChatCompletionRequest)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    llm = state.llm
+    prompt = llm.apply_chat_template([m.as_template_dict() for m in req.messages], tools=req.tools)
+    ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
+    use_new = req.max_completion_tokens is not None
+    param = "max_completion_tokens" if use_new else "max_tokens"
+    max_tokens = resolve_max_tokens(
+        req.max_completion_tokens if use_new else req.max_tokens, len(ids), llm.max_model_len, param
+    )
+    params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    rid, created = request_id("chatcmpl"), int(time.time())
+    stream = tracked(state, state.engine.generate(ids, params, rid), start)
+    first, rest = await first_and_rest(stream)
+    state.metrics.prompt_tokens.inc(len(ids))
+    base = {"id": rid, "created": created, "model": req.model}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = _events(state, base, first, rest, len(ids), params.n, include_usage, req.logprobs)
+        return StreamingResponse(events, media_type="text/event-stream")
+    texts, tokens = [""] * params.n, [0] * params.n
+    lps, finish = [[] for _ in range(params.n)], [None] * params.n
+    outs = [first] if first is not None else []
+    async for out in rest:
+        outs.append(out)
+    for out in outs:
+        texts[out.index] += out.text
+        tokens[out.index] += len(out.token_ids)
+        lps[out.index] += out.logprobs
+        finish[out.index] = out.finish_reason or finish[out.index]
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": texts[i]},
+            "logprobs": {"content": _logprobs(llm.tokenizer, lps[i])} if req.logprobs else None,
+            "finish_reason": finish[i],
+        }
+        for i in range(params.n)
+    ]
+    usage = {"prompt_tokens": len(ids), "completion_tokens": sum(tokens), "total_tokens": len(ids) + sum(tokens)}
+    state.metrics.requests.labels("200").inc()
+    return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": usage})
+
+
+async def _events(state, base, first, rest, prompt_len, n, include_usage, logprobs):
+    chunk = {**base, "object": "chat.completion.chunk"}
+    completion = 0
+    started = set()
+
+    async def all_outputs():
+        if first is not None:
+            yield first
+        async for out in rest:
+            yield out
+
+    try:
+        async for out in all_outputs():
+            if out.index not in started:
+                started.add(out.index)
+                delta = {"role": "assistant", "content": ""}
+                yield event(
+                    {
+                        **chunk,
+                        "choices": [{"index": out.index, "delta": delta, "logprobs": None, "finish_reason": None}],
+                    }
+                )
+            completion += len(out.token_ids)
+            if out.text or out.finish_reason or (logprobs and out.logprobs):
+                lp = {"content": _logprobs(state.llm.tokenizer, out.logprobs)} if logprobs else None
+                delta = {"content": out.text} if out.text else {}
+                yield event(
+                    {
+                        **chunk,
+                        "choices": [
+                            {"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
+                        ],
+                    }
+                )
+        if include_usage:
+            usage = {
+                "prompt_tokens": prompt_len,
+                "completion_tokens": completion,
+                "total_tokens": prompt_len + completion,
+            }
+            yield event({**chunk, "choices": [], "usage": usage})
+        yield DONE
+        state.metrics.requests.labels("200").inc()
+    finally:
+        await rest.aclose()

@@ -1,0 +1,145 @@
+"""What the chat and completion routes share: body parsing, limits, streaming with metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from jaxllm.api import LLM
+from jaxllm.engine.async_engine import AsyncEngine, StreamOutput
+from jaxllm.errors import ContextLengthError, EngineShutdownError, InvalidRequestError, ModelMismatchError
+from jaxllm.serving.errors import BodyTooLargeError
+from jaxllm.serving.metrics import Metrics
+
+
+@dataclasses.dataclass
+class ServerState:
+    llm: LLM
+    engine: AsyncEngine | None
+    model_names: list[str]
+    metrics: Metrics
+    max_body_bytes: int
+    api_key: str | None = None
+    ready: bool = False
+
+
+async def parse_body(request: Request, state: ServerState, model: type[BaseModel]):
+    """The request body validated into `model`; errors name the offending field."""
+    if not state.ready or state.engine is None or not state.engine.accepting:
+        raise EngineShutdownError("the server is loading or shutting down: retry shortly")
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > state.max_body_bytes:
+        raise BodyTooLargeError(f"the request body is over the {state.max_body_bytes}-byte limit")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > state.max_body_bytes:
+            raise BodyTooLargeError(f"the request body is over the {state.max_body_bytes}-byte limit")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        req = model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise InvalidRequestError(f"{param}: {err['msg']}", param=param) from None
+    if req.model not in state.model_names:
+        raise ModelMismatchError(
+            f"the model {req.model!r} does not exist; this server has {state.model_names}", param="model"
+        )
+    return req
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str) -> int:
+    """max_tokens, defaulting to what fits; a prompt plus max_tokens beyond the context is an error."""
+    if requested is None:
+        requested = max_model_len - prompt_len
+    if requested < 1:
+        raise InvalidRequestError(f"{param} must be >= 1, got {requested}", param=param)
+    if prompt_len + requested > max_model_len:
+        raise ContextLengthError(
+            f"this model's context is {max_model_len} tokens, but the prompt has {prompt_len} and {param} asks "
+            f"for {requested}: shorten the prompt or lower {param}",
+            param=param,
+        )
+    return requested
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+async def tracked(state: ServerState, stream: AsyncIterator[StreamOutput], start: float):
+    """Pass outputs through, recording time to first token, inter-token latency and token counts."""
+    last = None
+    async for out in stream:
+        now = time.monotonic()
+        n = len(out.token_ids)
+        if n:
+            if last is None:
+                state.metrics.ttft.observe(now - start)
+                for _ in range(n - 1):
+                    state.metrics.itl.observe(0.0)
+            else:
+                for _ in range(n):
+                    state.metrics.itl.observe((now - last) / n)
+            last = now
+            state.metrics.generated_tokens.inc(n)
+        yield out
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several async streams as (stream index, item); errors propagate."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, s):
+        try:
+            async for item in s:
+                await queue.put((i, item))
+        except BaseException as e:  # noqa: BLE001 — handed to the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    open_streams = len(streams)
+    try:
+        while open_streams:
+            i, item = await queue.get()
+            if item is done:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            await s.aclose()
+
+
+async def first_and_rest(stream: AsyncIterator):
+    """Await the first item (so errors surface before any response is sent); return it and the stream."""
+    it = stream.__aiter__()
+    try:
+        first = await it.__anext__()
+    except StopAsyncIteration:
+        first = None
+    return first, it

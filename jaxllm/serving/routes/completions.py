@@ -1,0 +1,139 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from jaxllm.errors import InvalidRequestError
+from jaxllm.serving.protocol import CompletionRequest
+from jaxllm.serving.routes.common import merge, parse_body, request_id, resolve_max_tokens, tracked
+from jaxllm.serving.sse import DONE, event
+
+
+def _prompts(llm, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [llm.tokenizer.encode(prompt)]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _logprobs(tokenizer, lps, offset: int) -> dict:
+    tokens = [tokenizer.token_str(lp.token_id) for lp in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{tokenizer.token_str(t): v for t, v in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+async def completions(request: Request):
+    state = request.app.state.server
+    start = time.monotonic()
+    req = await parse_body(request, state, CompletionRequest)
+    llm = state.llm
+    prompts = _prompts(llm, req.prompt)
+    longest = max(len(p) for p in prompts)
+    max_tokens = resolve_max_tokens(req.max_tokens, longest, llm.max_model_len, "max_tokens")
+    params = req.sampling_params(max_tokens, req.logprobs)
+    rid, created = request_id("cmpl"), int(time.time())
+    for p in prompts:
+        llm.engine.check_prompt(p, params)
+    streams = [tracked(state, state.engine.generate(p, params, f"{rid}-{i}"), start) for i, p in enumerate(prompts)]
+    merged = merge(streams)
+    pending = []
+    try:  # wait for the first output so that admission errors become a proper status
+        pending.append(await merged.__anext__())
+    except StopAsyncIteration:
+        pass
+    state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+    base = {"id": rid, "created": created, "model": req.model}
+    echo = [llm.tokenizer.decode(p) if req.echo else "" for p in prompts]
+
+    async def outputs():
+        for item in pending:
+            yield item
+        async for item in merged:
+            yield item
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        sum_prompt = sum(len(p) for p in prompts)
+        return StreamingResponse(
+            _events(
+                state, base, outputs(), merged, params.n, echo, include_usage, sum_prompt, req.logprobs is not None
+            ),
+            media_type="text/event-stream",
+        )
+    k = len(prompts) * params.n
+    texts, lps, finish, tokens = list(echo_for(echo, params.n)), [[] for _ in range(k)], [None] * k, 0
+    async for i, out in outputs():
+        j = i * params.n + out.index
+        texts[j] += out.text
+        lps[j] += out.logprobs
+        finish[j] = out.finish_reason or finish[j]
+        tokens += len(out.token_ids)
+    choices = [
+        {
+            "index": j,
+            "text": texts[j],
+            "logprobs": _logprobs(llm.tokenizer, lps[j], len(echo[j // params.n]))
+            if req.logprobs is not None
+            else None,
+            "finish_reason": finish[j],
+        }
+        for j in range(k)
+    ]
+    prompt_tokens = sum(len(p) for p in prompts)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
+    state.metrics.requests.labels("200").inc()
+    return JSONResponse({**base, "object": "text_completion", "choices": choices, "usage": usage})
+
+
+def echo_for(echo: list[str], n: int):
+    for e in echo:
+        for _ in range(n):
+            yield e
+
+
+async def _events(state, base, outputs, merged, n, echo, include_usage, prompt_tokens, logprobs):
+    chunk = {**base, "object": "text_completion"}
+    completion = 0
+    echoed = set()
+    try:
+        async for i, out in outputs:
+            j = i * n + out.index
+            text = out.text
+            if echo[i] and j not in echoed:
+                echoed.add(j)
+                text = echo[i] + text
+            completion += len(out.token_ids)
+            if text or out.finish_reason or (logprobs and out.logprobs):
+                lp = _logprobs(state.llm.tokenizer, out.logprobs, 0) if logprobs else None
+                yield event(
+                    {
+                        **chunk,
+                        "choices": [{"index": j, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}],
+                    }
+                )
+        if include_usage:
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion,
+            }
+            yield event({**chunk, "choices": [], "usage": usage})
+        yield DONE
+        state.metrics.requests.labels("200").inc()
+    finally:
+        await merged.aclose()

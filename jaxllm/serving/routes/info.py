@@ -1,0 +1,70 @@
+"""GET /v1/models, /health, /metrics and /openapi.json."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from jaxllm.serving.errors import error_body
+from jaxllm.serving.protocol import ChatCompletionRequest, CompletionRequest
+
+CREATED = int(time.time())
+
+
+async def models(request: Request):
+    state = request.app.state.server
+    data = [{"id": name, "object": "model", "created": CREATED, "owned_by": "jaxllm"} for name in state.model_names]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def health(request: Request):
+    state = request.app.state.server
+    if state.ready and state.engine is not None and state.engine.accepting:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse(error_body("the server is loading or shutting down", "service_unavailable"), status_code=503)
+
+
+async def metrics(request: Request):
+    state = request.app.state.server
+    stats = state.engine.stats if state.engine is not None else None
+    from jaxllm.engine.async_engine import EngineStats
+
+    body = state.metrics.render(stats or EngineStats())
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _op(summary: str, schema: str | None = None) -> dict:
+    op = {"summary": summary, "responses": {"200": {"description": "OK"}, "4XX": {"description": "Error object"}}}
+    if schema:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+        }
+    return op
+
+
+def openapi_spec() -> dict:
+    """The OpenAPI description of the routes, with request schemas taken from the pydantic models."""
+    schemas = {}
+    for model in (ChatCompletionRequest, CompletionRequest):
+        s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(s.pop("$defs", {}))
+        schemas[model.__name__] = s
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jaxllm", "version": "0.1.0"},
+        "paths": {
+            "/v1/chat/completions": {"post": _op("Create a chat completion", "ChatCompletionRequest")},
+            "/v1/completions": {"post": _op("Create a text completion", "CompletionRequest")},
+            "/v1/models": {"get": _op("List the served models")},
+            "/health": {"get": _op("200 when ready, 503 while loading or shutting down")},
+            "/metrics": {"get": _op("Prometheus metrics")},
+        },
+        "components": {"schemas": schemas},
+    }
+
+
+async def openapi(request: Request):
+    return JSONResponse(openapi_spec())

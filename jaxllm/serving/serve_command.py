@@ -1,0 +1,77 @@
+"""`jaxllm serve`: load a model and serve it over HTTP with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+SERVE_DEFAULT_MAX_LEN = 2048
+
+
+def add_parser(sub, positive) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", default=None, help="alias, .gguf, HF folder or hub id (default smollm2)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-seqs", type=positive, default=32, help="sequences decoded together (slots)")
+    p.add_argument(
+        "--max-model-len",
+        type=positive,
+        default=None,
+        help=f"context per sequence (default: the model's, at most {SERVE_DEFAULT_MAX_LEN})",
+    )
+    p.add_argument("--max-waiting", type=positive, default=256, help="waiting-queue limit; beyond it: 429")
+    p.add_argument(
+        "--token-budget",
+        type=positive,
+        default=512,
+        help="tokens computed per step; longer prompts are prefilled in chunks",
+    )
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")
+    p.add_argument("--chat-template", default=None, metavar="FILE")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds that running requests may take to finish after SIGTERM",
+    )
+    p.add_argument("--max-body-bytes", type=positive, default=4 * 2**20)
+    p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from jaxllm.api import LLM
+    from jaxllm.loading.load import load_model
+    from jaxllm.serving.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    loaded = load_model(args.model, chat_template=args.chat_template)
+    max_len = args.max_model_len or min(loaded.config.max_position_embeddings, SERVE_DEFAULT_MAX_LEN)
+    llm = LLM(
+        loaded=loaded,
+        max_num_seqs=args.max_seqs,
+        max_model_len=max_len,
+        token_budget=args.token_budget,
+        max_waiting=args.max_waiting,
+    )
+    app = create_app(
+        llm,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+        warmup=not args.no_warmup,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(args.shutdown_timeout) or 1,
+    )
+    return 0
