@@ -25,6 +25,8 @@ class _Request(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    min_tokens: int = 0  # extensions beyond OpenAI's schema, as vLLM offers them
+    ignore_eos: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -46,7 +48,15 @@ class _Request(BaseModel):
             if getattr(self, k) is not None
         }
         bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
-        return SamplingParams(max_tokens=max_tokens, n=self.n, logit_bias=bias, logprobs=logprobs, **given)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            n=self.n,
+            logit_bias=bias,
+            logprobs=logprobs,
+            min_tokens=min(self.min_tokens, max_tokens),
+            ignore_eos=self.ignore_eos,
+            **given,
+        )
 
 
 class StreamOptions(BaseModel):

@@ -1,0 +1,69 @@
+"""Real uvicorn servers on 127.0.0.1 (free ports), sharing the SmolLM2 weights loaded once."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from jaxllm import LLM
+from jaxllm.serving import create_app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """A uvicorn server in a thread; `url` is its base address."""
+
+    def __init__(self, app):
+        self.app = app
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the test server did not become healthy")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(60)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+
+@pytest.fixture(scope="session")
+def server(smollm2):
+    """The main server: 16 slots, warmed up."""
+    llm = LLM(loaded=smollm2.loaded, max_num_seqs=16, max_model_len=1024, token_budget=512)
+    with RunningServer(create_app(llm, served_model_name="smollm2", max_body_bytes=64 * 1024)) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def small_server(smollm2):
+    """One slot, a waiting queue of one, an API key: for limits, auth, disconnects and shutdown states."""
+    llm = LLM(loaded=smollm2.loaded, max_num_seqs=1, max_model_len=1024, max_waiting=1)
+    app = create_app(llm, served_model_name="smollm2", api_key="sekrit", warmup=False)
+    with RunningServer(app) as s:
+        yield s

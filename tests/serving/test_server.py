@@ -1,0 +1,221 @@
+"""End-to-end: the official `openai` client against a real server with the SmolLM2 default model."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from jaxllm import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_health_openapi(server, client):
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    assert httpx.get(server.url + "/health").status_code == 200
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/chat/completions" in spec["paths"] and "ChatCompletionRequest" in spec["components"]["schemas"]
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model="smollm2", messages=FRANCE, max_tokens=24, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens > 10 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_equals_non_stream_with_usage(client):
+    kw = dict(model="smollm2", messages=FRANCE, max_tokens=20, temperature=0.8, seed=11)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_n_logprobs_and_stop(client):
+    r = client.chat.completions.create(
+        model="smollm2", messages=FRANCE, max_tokens=8, n=2, temperature=1.0, seed=3, logprobs=True, top_logprobs=2
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert c.logprobs.content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in c.logprobs.content)
+    r = client.chat.completions.create(model="smollm2", messages=FRANCE, max_tokens=24, temperature=0, stop=["Paris"])
+    assert r.choices[0].finish_reason == "stop" and "Paris" not in r.choices[0].message.content
+
+
+def test_completions_stream_and_not(client):
+    kw = dict(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=1)
+    full = client.completions.create(**kw)
+    assert full.choices[0].text and len(full.choices[0].logprobs.tokens) == full.usage.completion_tokens
+    text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+    assert text == full.choices[0].text
+    two = client.completions.create(model="smollm2", prompt=["One, two,", "A, B,"], max_tokens=4, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens <= 8
+
+
+def test_16_concurrent_streams_equal_offline(server, client, smollm2):
+    prompts = [f"Write one sentence about the number {i}." for i in range(16)]
+
+    def stream(i):
+        chunks = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": prompts[i]}],
+            max_tokens=24,
+            temperature=0.8,
+            seed=100 + i,
+            stream=True,
+        )
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        online = list(pool.map(stream, range(16)))
+    offline_llm = LLM(loaded=smollm2.loaded, max_num_seqs=16, max_model_len=1024)
+    chats = [offline_llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    params = [SamplingParams(max_tokens=24, temperature=0.8, seed=100 + i) for i in range(16)]
+    offline = [o.outputs[0].text for o in offline_llm.generate(chats, params, use_tqdm=False)]
+    assert online == offline
+
+
+def _post(server, path, body, headers=None):
+    data = body if isinstance(body, bytes | str) else json.dumps(body)
+    return httpx.post(
+        server.url + path, content=data, headers={"content-type": "application/json", **(headers or {})}, timeout=60
+    )
+
+
+MSG = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    "body,status,param,code",
+    [
+        (b"{not json", 400, None, None),
+        ({"model": "smollm2"}, 400, "messages", None),
+        ({"model": "smollm2", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", None),
+        ({"model": "smollm2", "messages": MSG, "temperature": -0.5}, 400, "temperature", None),
+        ({"model": "smollm2", "messages": MSG, "top_p": 0}, 400, "top_p", None),
+        ({"model": "smollm2", "messages": MSG, "top_p": 1.5}, 400, "top_p", None),
+        ({"model": "smollm2", "messages": MSG, "n": 0}, 400, "n", None),
+        ({"model": "smollm2", "messages": MSG, "max_tokens": -3}, 400, "max_tokens", None),
+        ({"model": "smollm2", "messages": MSG, "max_tokens": 5000}, 400, "max_tokens", "context_length_exceeded"),
+        ({"model": "gpt-17", "messages": MSG}, 404, "model", "model_not_found"),
+    ],
+)
+def test_errors_are_openai_objects_and_the_server_keeps_serving(server, body, status, param, code):
+    r = _post(server, "/v1/chat/completions", body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["param"] == param and err["code"] == code
+    ok = _post(server, "/v1/chat/completions", {"model": "smollm2", "messages": MSG, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_oversized_body_is_413(server):
+    r = _post(server, "/v1/completions", {"model": "smollm2", "prompt": "x" * 100_000})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_route_is_an_openai_404(server):
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_api_key(small_server):
+    body = {"model": "smollm2", "messages": MSG, "max_tokens": 2}
+    assert _post(small_server, "/v1/chat/completions", body).status_code == 401
+    bad = _post(small_server, "/v1/chat/completions", body, {"authorization": "Bearer wrong"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+    good = _post(small_server, "/v1/chat/completions", body, {"authorization": "Bearer sekrit"})
+    assert good.status_code == 200
+    assert httpx.get(small_server.url + "/health").status_code == 200  # health needs no key
+
+
+def _stream_lines(server, body, n_lines):
+    """Open a stream, read n_lines of it, then hang up."""
+    auth = {"authorization": "Bearer sekrit"}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
+        assert r.status_code == 200
+        got = 0
+        for line in r.iter_lines():
+            got += bool(line)
+            if got >= n_lines:
+                break
+
+
+def _running(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("jaxllm_running_sequences")))
+
+
+def test_disconnect_frees_the_slot(small_server):
+    long = {"model": "smollm2", "messages": MSG, "max_tokens": 900, "min_tokens": 900, "stream": True, "temperature": 0}
+    _stream_lines(small_server, long, 3)
+    assert small_server.state.metrics.generated_tokens._value.get() < 890  # hung up long before the end
+    deadline = time.monotonic() + 10
+    while _running(small_server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(small_server) == 0
+    t = time.monotonic()
+    r = _post(
+        small_server,
+        "/v1/chat/completions",
+        {"model": "smollm2", "messages": MSG, "max_tokens": 2},
+        {"authorization": "Bearer sekrit"},
+    )
+    assert r.status_code == 200 and time.monotonic() - t < 20
+
+
+def test_queue_full_is_429_then_recovers(small_server):
+    auth = {"authorization": "Bearer sekrit"}
+    long = {"model": "smollm2", "messages": MSG, "max_tokens": 200, "min_tokens": 200, "stream": True, "temperature": 0}
+    with (
+        httpx.Client(timeout=60) as c,
+        c.stream("POST", small_server.url + "/v1/chat/completions", json=long, headers=auth) as first,
+    ):
+        lines = first.iter_lines()  # kept referenced: dropping the iterator would close the connection
+        next(lines)  # the first request holds the only slot
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(
+                _post,
+                small_server,
+                "/v1/chat/completions",
+                {"model": "smollm2", "messages": MSG, "max_tokens": 2},
+                auth,
+            )
+            deadline = time.monotonic() + 10
+            while small_server.state.engine.stats.waiting < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            third = _post(
+                small_server, "/v1/chat/completions", {"model": "smollm2", "messages": MSG, "max_tokens": 2}, auth
+            )
+            assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+    assert waiting.result().status_code == 200
+
+
+def test_shutting_down_is_503(small_server):
+    engine = small_server.state.engine
+    engine.accepting = False
+    try:
+        assert httpx.get(small_server.url + "/health").status_code == 503
+        r = _post(
+            small_server,
+            "/v1/chat/completions",
+            {"model": "smollm2", "messages": MSG},
+            {"authorization": "Bearer sekrit"},
+        )
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    finally:
+        engine.accepting = True
