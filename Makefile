@@ -1,10 +1,10 @@
-# Two commands do everything on a fresh machine: `make run` and `make test`.
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup setup-dev run test test-fast lint fmt bench clean
+.PHONY: setup setup-dev serve run test test-fast lint fmt bench bench-serving clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ setup: .stamp-setup
 
 setup-dev: .stamp-dev
 
+serve: setup
+	$(BIN)/jaxllm serve --model smollm2 --host 127.0.0.1 --port 8000 $(ARGS)
+
 run: setup
 	$(BIN)/jaxllm generate --model smollm2 --chat "What is the capital of France?" $(ARGS)
 
@@ -44,6 +47,9 @@ fmt: setup-dev
 
 bench: setup-dev
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+bench-serving: setup-dev
+	$(BIN)/python scripts/bench_serving.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .stamp-setup .stamp-dev

@@ -219,3 +219,19 @@ def test_shutting_down_is_503(small_server):
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
     finally:
         engine.accepting = True
+
+
+def test_metrics_count_requests_tokens_and_latencies(server, client):
+    client.chat.completions.create(model="smollm2", messages=MSG, max_tokens=4, temperature=0)
+    _post(server, "/v1/chat/completions", {"model": "nope", "messages": MSG})
+    text = httpx.get(server.url + "/metrics").text
+
+    def value(name):
+        return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name)))
+
+    assert value('jaxllm_requests_total{status="200"}') >= 1 and value('jaxllm_requests_total{status="404"}') >= 1
+    assert value("jaxllm_prompt_tokens_total") > 0 and value("jaxllm_generation_tokens_total") >= 4
+    assert value("jaxllm_time_to_first_token_seconds_count") >= 1
+    assert value("jaxllm_inter_token_latency_seconds_count") >= 3
+    for gauge in ("jaxllm_queue_depth", "jaxllm_running_sequences", "jaxllm_kv_cache_usage_ratio"):
+        assert value(gauge) >= 0
