@@ -123,7 +123,7 @@ class Engine:
             limit = self.runner.prefill_rows(length)
             for i in range(0, len(chunks), limit):
                 prefills.append(self._prefill(chunks[i : i + limit], length, ctx))
-        decode = self._decode(plan.decodes) if plan.decodes else None
+        decode = self._decode(plan.decodes, plan.decode_steps) if plan.decodes else None
         return _Dispatched(prefills, decode)
 
     def _prefill(self, chunks: list[PrefillChunk], length: int, ctx: int):
@@ -145,7 +145,7 @@ class Engine:
         first, info = self.runner.prefill(batch, flags_for(plist))
         return first, info, {i: c.seq for i, c in enumerate(chunks) if c.last}
 
-    def _decode(self, seqs: list[Sequence]):
+    def _decode(self, seqs: list[Sequence], steps: int):
         by_slot = {s.slot: s for s in seqs}
         rows = buckets.batch_bucket(max(by_slot) + 1, self.runner.slots)
         plist = [by_slot.get(i) for i in range(rows)]
@@ -154,7 +154,7 @@ class Engine:
         active = np.array([s is not None for s in plist])
         longest = max(s.num_tokens + s.inflight for s in seqs)
         attn = buckets.attn_bucket(longest, self.runner.max_len)
-        toks, info = self.runner.decode(row_params(params, seeds, rows), active, rows, attn, flags_for(params))
+        toks, info = self.runner.decode(row_params(params, seeds, rows), active, rows, attn, flags_for(params), steps)
         return toks, info, by_slot
 
     def _process(self, done: _Dispatched) -> list[Update]:

@@ -120,7 +120,9 @@ class ModelRunner:
         )
         return first, info
 
-    def decode(self, params: RowParams, active: np.ndarray, rows: int, attn_len: int, flags: SamplerFlags):
+    def decode(
+        self, params: RowParams, active: np.ndarray, rows: int, attn_len: int, flags: SamplerFlags, n_steps: int = 0
+    ):
         """Dispatch `decode_steps` decode steps over the first `rows` slots; returns device arrays
         (tokens [steps, rows], logprob info) without waiting for them."""
         self.cache, self.state, toks, info = self._decode(
@@ -133,7 +135,7 @@ class ModelRunner:
             flags=flags,
             rows=rows,
             attn_len=attn_len,
-            n_steps=self.decode_steps,
+            n_steps=n_steps or self.decode_steps,
         )
         return toks, info
 

@@ -35,6 +35,7 @@ class Plan:
 
     prefills: list[PrefillChunk]
     decodes: list[Sequence]
+    decode_steps: int = 1
 
     @property
     def empty(self) -> bool:
@@ -106,9 +107,12 @@ class Scheduler:
             self.running[s.slot] = s
             prefills.append(self._chunk(s, budget))
             budget -= prefills[-1].end - prefills[-1].start
+        # While prompts wait or are being prefilled, decode one step at a time so that they join the
+        # batch soon; in steady state run several steps per dispatch.
+        steps = 1 if prefills or self.waiting else self.decode_steps
         for s in decodes:
-            s.inflight += self.decode_steps
-        return Plan(prefills, decodes)
+            s.inflight += steps
+        return Plan(prefills, decodes, steps)
 
     def _chunk(self, s: Sequence, budget: int) -> PrefillChunk:
         """The next chunk of s's prompt: all of the rest if it fits, else a power of two within budget."""

@@ -1,0 +1,239 @@
+"""Serving benchmark: concurrent streaming clients against a running jaxllm server, on this machine.
+
+Starts `jaxllm serve` in a subprocess (or uses --url), then measures, with streaming completions of
+fixed lengths (token-id prompts, `ignore_eos`):
+- closed loop with 1, 8 and 32 concurrent clients: output tokens/s, time to first token (TTFT) and
+  inter-token latency (per request: (last token time - first token time) / (tokens - 1)), p50/p99;
+- Poisson arrivals at --rate requests/s;
+- TTFT at 8 concurrent streams with 256-token prompts;
+- offline `LLM.generate` of the same 32-request batch in this process, for the served/offline ratio.
+Results are printed and written into docs/benchmarks.md between the `bench:serving` markers.
+
+    python scripts/bench_serving.py [--tokens 64] [--rounds 2] [--rate 2] [--url http://127.0.0.1:8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench import DOC  # noqa: E402
+
+BEGIN, END = "<!-- bench:serving -->", "<!-- /bench:serving -->"
+
+
+def _prompt(i: int, length: int) -> list[int]:
+    rng = random.Random(i)
+    return [rng.randrange(100, 30000) for _ in range(length)]
+
+
+async def one_request(client, url, prompt, tokens) -> dict:
+    body = {
+        "model": "smollm2",
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = last = None
+    usage = None
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            msg = json.loads(line[6:])
+            now = time.perf_counter()
+            if msg.get("usage"):
+                usage = msg["usage"]
+            if msg["choices"] and msg["choices"][0]["text"]:
+                first = first or now
+                last = now
+    n = usage["completion_tokens"]
+    return {"ttft": first - start, "itl": (last - first) / max(n - 1, 1), "tokens": n, "end": last}
+
+
+async def closed_loop(url, clients: int, rounds: int, prompt_len: int, tokens: int) -> dict:
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+
+        async def worker(w):
+            return [await one_request(client, url, _prompt(w * 1000 + r, prompt_len), tokens) for r in range(rounds)]
+
+        results = [x for xs in await asyncio.gather(*(worker(w) for w in range(clients))) for x in xs]
+        wall = time.perf_counter() - start
+    return summarize(results, wall)
+
+
+async def poisson(url, rate: float, count: int, prompt_len: int, tokens: int) -> dict:
+    rng = random.Random(0)
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        tasks = []
+        for i in range(count):
+            tasks.append(asyncio.create_task(one_request(client, url, _prompt(5000 + i, prompt_len), tokens)))
+            await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+    return summarize(results, wall)
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    def pct(key, q):
+        xs = sorted(r[key] for r in results)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    return {
+        "tok_s": sum(r["tokens"] for r in results) / wall,
+        "requests": len(results),
+        "ttft_p50": statistics.median(r["ttft"] for r in results),
+        "ttft_p99": pct("ttft", 0.99),
+        "itl_p50": statistics.median(r["itl"] for r in results),
+        "itl_p99": pct("itl", 0.99),
+    }
+
+
+def offline_throughput(batch: int, prompt_len: int, tokens: int, max_len: int) -> float:
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM("smollm2", max_num_seqs=batch, max_model_len=max_len, progress=False)
+    prompts = [_prompt(i, prompt_len) for i in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxllm",
+        "serve",
+        "--port",
+        str(port),
+        "--max-seqs",
+        "32",
+        "--max-model-len",
+        str(args.max_model_len),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("error: the server did not become healthy")
+
+
+async def warm(url, prompt_len, tokens):
+    """Touch every batch-size bucket once so that compilation stays out of the measurements."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        for n in (1, 2, 4, 8, 16, 32):
+            await asyncio.gather(*(one_request(client, url, _prompt(9000 + i, prompt_len), tokens) for i in range(n)))
+        await asyncio.gather(*(one_request(client, url, _prompt(9100 + i, 256), 8) for i in range(8)))
+
+
+def table(res: dict, args) -> str:
+    lines = ["| workload | output tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |", "|---|---|---|---|---|---|"]
+    for name, r in res["runs"].items():
+        lines.append(
+            f"| {name} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} s | {r['ttft_p99']:.3f} s | "
+            f"{r['itl_p50'] * 1e3:.1f} ms | {r['itl_p99'] * 1e3:.1f} ms |"
+        )
+    runs = res["runs"]
+    c1, c32 = runs["closed loop, 1 client"]["tok_s"], runs["closed loop, 32 clients"]["tok_s"]
+    lines += [
+        "",
+        f"- 32 concurrent streams / 1 stream: **{c32 / c1:.1f}×** (target ≥ 8×)",
+        f"- served 32-stream throughput / offline `LLM.generate` of the same batch ({res['offline']:.1f} tok/s): "
+        f"**{100 * runs['one batch of 32, all at once']['tok_s'] / res['offline']:.0f}%** (target ≥ 90%)",
+        f"- TTFT p50 at 8 concurrent streams with 256-token prompts: "
+        f"**{runs['8 clients, 256-token prompts']['ttft_p50']:.3f} s** (target < 1 s)",
+    ]
+    return "\n".join(lines)
+
+
+def write_doc(text: str, args) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    block = (
+        f"{BEGIN}\n## Serving: concurrent streaming clients (CPU, float32, SmolLM2-135M)\n\n"
+        f"Run {stamp} on {os.cpu_count()} CPU cores; {args.tokens} output tokens per request, prompts of "
+        f"{args.prompt_len} tokens unless stated; streaming `/v1/completions` over loopback.\n"
+        f"Command: `python scripts/bench_serving.py --tokens {args.tokens} --rounds {args.rounds} "
+        f"--rate {args.rate}`\n\n{text}\n{END}"
+    )
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if BEGIN in doc and END in doc:
+        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END) :]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(doc)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default=None, help="a running server (default: start one)")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2, help="requests per client in the closed loops")
+    p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s")
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    proc, url = (None, args.url) if args.url else start_server(args)
+    try:
+        asyncio.run(warm(url, args.prompt_len, args.tokens))
+        runs = {}
+        for clients in (1, 8, 32):
+            rounds = args.rounds * (2 if clients == 1 else 1)
+            runs[f"closed loop, {clients} client{'s' if clients > 1 else ''}"] = asyncio.run(
+                closed_loop(url, clients, rounds, args.prompt_len, args.tokens)
+            )
+        runs["one batch of 32, all at once"] = asyncio.run(closed_loop(url, 32, 1, args.prompt_len, args.tokens))
+        runs[f"Poisson arrivals, {args.rate}/s"] = asyncio.run(
+            poisson(url, args.rate, 32, args.prompt_len, args.tokens)
+        )
+        runs["8 clients, 256-token prompts, 1 burst"] = asyncio.run(closed_loop(url, 8, 1, 256, args.tokens))
+        runs["8 clients, 256-token prompts, closed loop x3"] = asyncio.run(closed_loop(url, 8, 3, 256, args.tokens))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    offline = offline_throughput(32, args.prompt_len, args.tokens, args.max_model_len)
+    text = table({"runs": runs, "offline": offline}, args)
+    print(text)
+    if not args.no_write:
+        write_doc(text, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
