@@ -162,6 +162,17 @@ def _table(res: dict, args) -> str:
     return "\n".join(lines)
 
 
+def write_section(begin: str, end: str, block: str) -> None:
+    """Put `block` (which starts with `begin` and ends with `end`) into docs/benchmarks.md, replacing the old one."""
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nFigures measured on this project's machines.\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(text)
+
+
 def write_doc(table: str, args) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     block = (
@@ -170,13 +181,7 @@ def write_doc(table: str, args) -> None:
         f"{args.tokens} generated tokens, best of {args.repeats}; decode excludes the prefill.\n"
         f"Command: `python scripts/bench.py --tokens {args.tokens} --repeats {args.repeats}`\n\n{table}\n{END}"
     )
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nFigures measured on this project's machines.\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(text)
+    write_section(BEGIN, END, block)
 
 
 def parse(argv):

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from jaxllm.errors import InvalidRequestError
 from jaxllm.serving.protocol import ChatCompletionRequest
-from jaxllm.serving.routes.common import first_and_rest, parse_body, request_id, resolve_max_tokens, tracked
+from jaxllm.serving.routes.common import first_and_rest, parse_body, request_id, resolve_max_tokens, tracked, usage
 from jaxllm.serving.sse import DONE, event
 
 
@@ -64,9 +64,9 @@ async def chat_completions(request: Request):
         }
         for i in range(params.n)
     ]
-    usage = {"prompt_tokens": len(ids), "completion_tokens": sum(tokens), "total_tokens": len(ids) + sum(tokens)}
     state.metrics.requests.labels("200").inc()
-    return JSONResponse({**base, "object": "chat.completion", "choices": choices, "usage": usage})
+    body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), sum(tokens))}
+    return JSONResponse(body)
 
 
 async def _events(state, base, first, rest, prompt_len, n, include_usage, logprobs):
@@ -104,12 +104,7 @@ async def _events(state, base, first, rest, prompt_len, n, include_usage, logpro
                     }
                 )
         if include_usage:
-            usage = {
-                "prompt_tokens": prompt_len,
-                "completion_tokens": completion,
-                "total_tokens": prompt_len + completion,
-            }
-            yield event({**chunk, "choices": [], "usage": usage})
+            yield event({**chunk, "choices": [], "usage": usage(prompt_len, completion)})
         yield DONE
         state.metrics.requests.labels("200").inc()
     finally:

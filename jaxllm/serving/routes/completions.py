@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from jaxllm.errors import InvalidRequestError
 from jaxllm.serving.protocol import CompletionRequest
-from jaxllm.serving.routes.common import merge, parse_body, request_id, resolve_max_tokens, tracked
+from jaxllm.serving.routes.common import merge, parse_body, request_id, resolve_max_tokens, tracked, usage
 from jaxllm.serving.sse import DONE, event
 
 
@@ -95,9 +95,9 @@ async def completions(request: Request):
         for j in range(k)
     ]
     prompt_tokens = sum(len(p) for p in prompts)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
     state.metrics.requests.labels("200").inc()
-    return JSONResponse({**base, "object": "text_completion", "choices": choices, "usage": usage})
+    body = {**base, "object": "text_completion", "choices": choices, "usage": usage(prompt_tokens, tokens)}
+    return JSONResponse(body)
 
 
 def echo_for(echo: list[str], n: int):
@@ -127,12 +127,7 @@ async def _events(state, base, outputs, merged, n, echo, include_usage, prompt_t
                     }
                 )
         if include_usage:
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion,
-            }
-            yield event({**chunk, "choices": [], "usage": usage})
+            yield event({**chunk, "choices": [], "usage": usage(prompt_tokens, completion)})
         yield DONE
         state.metrics.requests.labels("200").inc()
     finally:
