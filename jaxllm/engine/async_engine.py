@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 
 from jaxllm.engine.engine import Engine
@@ -63,6 +63,7 @@ class AsyncEngine:
         self._stop = False
         self.accepting = False
         self.stats = EngineStats()
+        self._idle: asyncio.Event | None = None  # set when the last request ends, while shutting down
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -86,9 +87,10 @@ class AsyncEngine:
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop admitting, let running requests finish for up to `timeout` seconds, abort the rest, stop."""
         self.accepting = False
-        deadline = time.monotonic() + timeout
-        while self._requests and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if self._requests:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
         for rid in list(self._requests):
             self.abort(rid)
         with self._cond:
@@ -123,6 +125,8 @@ class AsyncEngine:
             if req.open:  # the consumer left early: free its slots now
                 self.abort(rid)
             self._requests.pop(rid, None)
+            if not self._requests and self._idle is not None:
+                self._idle.set()
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
