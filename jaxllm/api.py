@@ -88,13 +88,12 @@ class LLM:
         self.engine.reserve(total, longest)
         seqs = [self.engine.add_request(ids, p) for (_, ids), p in zip(encoded, plist, strict=True)]
         bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm or len(prompts) < 2)
-        done = set()
+        unfinished = {group[0].request_id: len(group) for group in seqs}  # each sequence finishes once
         while self.engine.has_unfinished():
             for u in self.engine.step():
-                if u.finished and all(s.finished for s in seqs_of(seqs, u.seq.request_id)):
-                    if u.seq.request_id not in done:
-                        done.add(u.seq.request_id)
-                        bar.update(1)
+                if u.finished:
+                    unfinished[u.seq.request_id] -= 1
+                    bar.update(unfinished[u.seq.request_id] == 0)
         bar.close()
         return [_request_output(group, text) for group, (text, _) in zip(seqs, encoded, strict=True)]
 
@@ -125,13 +124,6 @@ class LLM:
 
     def stream_chat(self, messages, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         return self.stream(self.apply_chat_template(messages), params)
-
-
-def seqs_of(groups, request_id):
-    for g in groups:
-        if g[0].request_id == request_id:
-            return g
-    return []
 
 
 def _request_output(seqs, prompt_text) -> RequestOutput:

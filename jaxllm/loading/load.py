@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
 
 from jaxllm.chat_template import read_template_file
 from jaxllm.config import ModelConfig, config_from_gguf_metadata, load_hf_config
-from jaxllm.errors import ModelLoadError
 from jaxllm.loading.gguf_file import GGUFFile
 from jaxllm.loading.hf_folder import SafetensorsReader
 from jaxllm.loading.resolve import ModelFiles, resolve_model
@@ -66,13 +64,3 @@ def _load_gguf(files: ModelFiles, dtype, progress):
     model = build_model(cfg, dtype)
     params = assemble_params(cfg, param_shapes(model), gguf.read, dtype, progress, f"loading {files.name}")
     return cfg, params, tok
-
-
-def read_generation_config(folder: Path) -> dict:
-    path = folder / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e.msg})") from e
