@@ -123,7 +123,7 @@ class ModelRunner:
     def decode(
         self, params: RowParams, active: np.ndarray, rows: int, attn_len: int, flags: SamplerFlags, n_steps: int = 0
     ):
-        """Dispatch `decode_steps` decode steps over the first `rows` slots; returns device arrays
+        """Dispatch `n_steps` (default `decode_steps`) decode steps over the first `rows` slots; returns device arrays
         (tokens [steps, rows], logprob info) without waiting for them."""
         self.cache, self.state, toks, info = self._decode(
             self.params,

@@ -18,7 +18,7 @@ FAMILIES = {
 
 
 def build_model(cfg: ModelConfig, dtype=jnp.float32):
-    """The Flax module for this config (not initialised: params come from a loader or `init_params`)."""
+    """The Flax module for this config (not initialised: params come from a loader)."""
     try:
         return FAMILIES[cfg.model_type](cfg, dtype)
     except KeyError:
@@ -31,15 +31,6 @@ def param_shapes(model):
     return jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), tokens, tokens, None, None, jnp.zeros((1,), jnp.int32))
     )
-
-
-def init_params(model, seed: int = 0):
-    """Random parameters (for tests and shape checks), unboxed."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    boxed = model.init(jax.random.PRNGKey(seed), tokens, tokens, None, None, jnp.zeros((1,), jnp.int32))
-    from flax.core import meta
-
-    return meta.unbox(boxed)
 
 
 def forward(model, params, tokens, positions, cache, slot_ids, ctx_lens, ctx_len: int, logits_index=None):

@@ -7,6 +7,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from jaxllm.engine.async_engine import EngineStats
 from jaxllm.serving.errors import error_body
 from jaxllm.serving.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -28,10 +29,7 @@ async def health(request: Request):
 
 async def metrics(request: Request):
     state = request.app.state.server
-    stats = state.engine.stats if state.engine is not None else None
-    from jaxllm.engine.async_engine import EngineStats
-
-    body = state.metrics.render(stats or EngineStats())
+    body = state.metrics.render(state.engine.stats if state.engine is not None else EngineStats())
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
