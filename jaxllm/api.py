@@ -27,7 +27,9 @@ class LLM:
 
     max_num_seqs: sequences decoded together; max_model_len: context limit (prompt + output);
     decode_steps: decode steps per dispatch; token_budget: tokens computed per step (longer prompts
-    are prefilled in chunks of at most this many tokens).
+    are prefilled in chunks of at most this many tokens); page_size: tokens per KV cache page;
+    kv_cache_memory: KV cache budget in GiB (default: 90% of free device memory on accelerators,
+    4 GiB on the CPU); prefix_caching: reuse the cached pages of shared prompt prefixes.
     """
 
     def __init__(
@@ -41,6 +43,9 @@ class LLM:
         token_budget: int = 2048,
         max_waiting: int | None = None,
         chat_template: str | None = None,
+        page_size: int = 16,
+        kv_cache_memory: float | None = None,
+        prefix_caching: bool = True,
         progress: bool = True,
         loaded: LoadedModel | None = None,
     ):
@@ -49,7 +54,17 @@ class LLM:
         self.config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.max_model_len = max_model_len or min(self.config.max_position_embeddings, 8192)
         self.runner = ModelRunner(self.loaded.model, self.loaded.params, self.config, dtype, decode_steps)
-        self.engine = Engine(self.runner, self.tokenizer, max_num_seqs, self.max_model_len, token_budget, max_waiting)
+        self.engine = Engine(
+            self.runner,
+            self.tokenizer,
+            max_num_seqs,
+            self.max_model_len,
+            token_budget,
+            max_waiting,
+            page_size=page_size,
+            kv_cache_memory=kv_cache_memory,
+            prefix_caching=prefix_caching,
+        )
 
     # ---- prompts --------------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:

@@ -41,8 +41,13 @@ class EngineStats:
     waiting: int = 0
     running: int = 0
     slots: int = 0
-    kv_used_tokens: int = 0
-    kv_capacity_tokens: int = 0
+    kv_pages_used: int = 0
+    kv_pages_free: int = 0
+    kv_pages_cached: int = 0
+    kv_page_size: int = 0
+    preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class _Request:
@@ -189,12 +194,17 @@ class AsyncEngine:
             req.loop.call_soon_threadsafe(req.queue.put_nowait, error)
 
     def _update_stats(self) -> None:
-        sched, runner = self.engine.scheduler, self.engine.runner
-        running = list(sched.running.values())
+        sched = self.engine.scheduler
+        pool = sched.pool
         self.stats = EngineStats(
             waiting=len(sched.waiting),
-            running=len(running),
+            running=len(sched.running),
             slots=sched.max_seqs,
-            kv_used_tokens=sum(s.num_tokens for s in running),
-            kv_capacity_tokens=runner.slots * runner.max_len,
+            kv_pages_used=pool.num_used,
+            kv_pages_free=pool.num_free,
+            kv_pages_cached=pool.num_cached,
+            kv_page_size=pool.page_size,
+            preemptions=sched.preemptions,
+            prefix_cache_queries=pool.queries,
+            prefix_cache_hits=pool.hits,
         )

@@ -15,6 +15,7 @@ from collections import defaultdict
 import numpy as np
 
 from jaxllm.engine import buckets
+from jaxllm.engine.kv_pages import PagePool
 from jaxllm.engine.runner import ModelRunner, PrefillBatch, flags_for, row_params
 from jaxllm.engine.scheduler import Plan, PrefillChunk, Scheduler
 from jaxllm.engine.sequence import Sequence, TokenLogprob, Update
@@ -31,8 +32,17 @@ class _Dispatched:
     decode: tuple[object, object, dict[int, Sequence]] | None
 
 
+DEFAULT_CPU_KV_GIB = 4.0  # KV cache budget on the CPU when none is given
+GPU_KV_FRACTION = 0.9  # share of the free device memory the KV cache takes on accelerators by default
+
+
 class Engine:
-    """add_request / abort / step() over a ModelRunner and a Scheduler. One thread drives it."""
+    """add_request / abort / step() over a ModelRunner and a Scheduler. One thread drives it.
+
+    The KV cache is a pool of `page_size`-token pages sized by `kv_cache_memory` (GiB; default: 90% of
+    the free device memory on accelerators, 4 GiB on the CPU), allocated on first use no larger than
+    the work in sight needs. `prefix_caching` reuses cached pages of shared prompt prefixes.
+    """
 
     def __init__(
         self,
@@ -42,10 +52,22 @@ class Engine:
         max_model_len: int,
         token_budget: int = 2048,
         max_waiting: int | None = None,
+        page_size: int = 16,
+        kv_cache_memory: float | None = None,
+        prefix_caching: bool = True,
     ):
         self.runner, self.tokenizer = runner, tokenizer
         self.cfg = runner.cfg
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        if page_size < 1:
+            raise InvalidRequestError(f"page_size must be at least 1, got {page_size}")
+        self.page_size, self.prefix_caching = page_size, prefix_caching
+        self.max_pages = self._page_budget(kv_cache_memory)
+        if self.max_pages * page_size < max_model_len:
+            raise InvalidRequestError(
+                f"the KV cache budget holds {self.max_pages * page_size} tokens, fewer than one sequence of "
+                f"max_model_len={max_model_len}: raise kv_cache_memory or lower max_model_len"
+            )
         self.scheduler = Scheduler(0, token_budget, max_waiting, runner.decode_steps)
         self.prefilled_tokens = 0  # prompt tokens computed so far (for tests and metrics)
         self._inflight: _Dispatched | None = None
@@ -94,12 +116,30 @@ class Engine:
         return self.scheduler.has_work() or self._inflight is not None
 
     # ---- capacity -------------------------------------------------------------------------------
+    def _page_budget(self, gib: float | None) -> int:
+        """How many pages the KV cache may take."""
+        page_bytes = self.runner.kv_bytes_per_token() * self.page_size
+        if gib is None:
+            free = self.runner.free_device_memory()
+            budget = GPU_KV_FRACTION * free if free is not None else DEFAULT_CPU_KV_GIB * 2**30
+        elif gib <= 0:
+            raise InvalidRequestError(f"kv_cache_memory must be a positive number of GiB, got {gib}")
+        else:
+            budget = gib * 2**30
+        return int(budget // page_bytes)
+
     def reserve(self, slots: int, max_len: int) -> None:
-        """Size the cache for `slots` sequences of `max_len` tokens (only while idle)."""
+        """Size the cache for `slots` sequences of `max_len` tokens, within the page budget (only while idle).
+
+        It only grows: reallocating drops the prefix cache."""
         assert not self.scheduler.running and self._inflight is None, "reserve() while sequences are running"
-        slots = min(buckets.next_pow2(slots), self.max_num_seqs)
-        self.runner.ensure_capacity(slots, min(buckets.next_pow2(max_len, 64), self.max_model_len))
-        self.scheduler.resize(self.runner.slots)
+        slots = max(min(buckets.next_pow2(slots), self.max_num_seqs), self.runner.slots)
+        per_seq = -(-min(buckets.next_pow2(max_len, 64), self.max_model_len) // self.page_size)
+        pages = max(min(slots * per_seq, self.max_pages), self.runner.num_pages)
+        if self.runner.cache is not None and (slots, pages) == (self.runner.slots, self.runner.num_pages):
+            return
+        self.runner.allocate(slots, pages, self.page_size)
+        self.scheduler.resize(slots, PagePool(pages, self.page_size, self.prefix_caching))
 
     # ---- stepping -------------------------------------------------------------------------------
     def step(self) -> list[Update]:
@@ -115,8 +155,8 @@ class Engine:
     def _dispatch(self, plan: Plan) -> _Dispatched:
         groups: dict[tuple[int, int], list[PrefillChunk]] = defaultdict(list)
         for c in plan.prefills:
-            length = buckets.seq_bucket(c.end - c.start, self.runner.max_len)
-            ctx = buckets.attn_bucket(c.start, self.runner.max_len) if c.start else 0
+            length = buckets.seq_bucket(c.end - c.start, self.max_model_len)
+            ctx = buckets.attn_bucket(c.start, self.max_model_len) if c.start else 0
             groups[(length, ctx)].append(c)
         prefills = []
         for (length, ctx), chunks in groups.items():
@@ -126,22 +166,40 @@ class Engine:
         decode = self._decode(plan.decodes, plan.decode_steps) if plan.decodes else None
         return _Dispatched(prefills, decode)
 
+    def _block_tables(self, seqs, rows: int, tokens: int) -> np.ndarray:
+        """[rows, n_pages] page ids covering `tokens` positions of each sequence (None: a padding row);
+        missing pages read as the out-of-range id num_pages (writes there are dropped)."""
+        width = -(-min(tokens, self.max_model_len) // self.page_size)
+        table = np.full((rows, width), self.runner.num_pages, np.int32)
+        for i, s in enumerate(seqs):
+            if s is not None:
+                pages = s.pages[:width]
+                table[i, : len(pages)] = pages
+        return table
+
     def _prefill(self, chunks: list[PrefillChunk], length: int, ctx: int):
         rows = buckets.batch_bucket(len(chunks), self.runner.prefill_rows(length))
         tokens = np.zeros((rows, length), np.int32)
         starts = np.zeros((rows,), np.int32)
         lengths = np.ones((rows,), np.int32)
         slots = np.full((rows,), self.runner.slots, np.int32)  # padding rows write nowhere
+        prompt_lens = np.zeros((rows,), np.int32)
+        out_steps = np.zeros((rows,), np.int32)
         bias = np.zeros((rows, self.cfg.vocab_size), np.float32)
         for i, c in enumerate(chunks):
-            tokens[i, : c.end - c.start] = c.seq.prompt_ids[c.start : c.end]
-            starts[i], lengths[i], slots[i] = c.start, c.end - c.start, c.seq.slot
-            for tok, b in c.seq.params.logit_bias.items():
+            s = c.seq
+            tokens[i, : c.end - c.start] = s.token_ids()[c.start : c.end]
+            starts[i], lengths[i], slots[i] = c.start, c.end - c.start, s.slot
+            prompt_lens[i], out_steps[i] = len(s.prompt_ids), s.prefill_len - len(s.prompt_ids)
+            for tok, b in s.params.logit_bias.items():
                 bias[i, tok] = b
         self.prefilled_tokens += sum(c.end - c.start for c in chunks)
         plist = [c.seq.params for c in chunks]
         seeds = [c.seq.seed for c in chunks]
-        batch = PrefillBatch(tokens, starts, lengths, slots, row_params(plist, seeds, rows), bias, ctx)
+        table = self._block_tables([c.seq for c in chunks], rows, max(ctx, max(c.start for c in chunks)) + length)
+        batch = PrefillBatch(
+            tokens, starts, lengths, slots, prompt_lens, out_steps, table, row_params(plist, seeds, rows), bias, ctx
+        )
         first, info = self.runner.prefill(batch, flags_for(plist))
         return first, info, {i: c.seq for i, c in enumerate(chunks) if c.last}
 
@@ -153,8 +211,11 @@ class Engine:
         seeds = [s.seed if s else 0 for s in plist]
         active = np.array([s is not None for s in plist])
         longest = max(s.num_tokens + s.inflight for s in seqs)
-        attn = buckets.attn_bucket(longest, self.runner.max_len)
-        toks, info = self.runner.decode(row_params(params, seeds, rows), active, rows, attn, flags_for(params), steps)
+        attn = buckets.attn_bucket(longest, self.max_model_len)
+        table = self._block_tables(plist, rows, attn)
+        toks, info = self.runner.decode(
+            row_params(params, seeds, rows), active, table, rows, attn, flags_for(params), steps
+        )
         return toks, info, by_slot
 
     def _process(self, done: _Dispatched) -> list[Update]:

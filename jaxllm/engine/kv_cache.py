@@ -1,4 +1,11 @@
-"""A contiguous KV cache: one row of `max_len` slots per sequence slot, for every layer."""
+"""The paged KV cache on device: per layer, one pool of fixed-size pages shared by all sequences.
+
+Which page holds which positions of which sequence is the allocator's business
+(`jaxllm.engine.kv_pages`); the device side only sees block tables: [rows, n_pages] page ids, where
+page j of a row holds its positions [j * page_size, (j + 1) * page_size). Ids >= num_pages mark
+"no page": writes there are dropped and reads are masked. A contiguous cache is the special case
+of one page of `max_len` tokens per sequence.
+"""
 
 from __future__ import annotations
 
@@ -13,33 +20,41 @@ from jaxllm.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """k, v: [layers, slots, max_len, kv_heads, head_dim]; slot s holds one sequence, position p at index p."""
+    """k, v: [layers, num_pages, page_size, kv_heads, head_dim]."""
 
     k: jax.Array
     v: jax.Array
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, slots: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+    def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVCache:
+        shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def slots(self) -> int:
+    def num_pages(self) -> int:
         return self.k.shape[1]
 
-    def write(self, slot_ids, positions, k_new, v_new) -> KVCache:
-        """Scatter k_new, v_new [layers, batch, seq, kv_heads, head_dim] at (slot_ids[b], positions[b, t]).
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
 
-        slot_ids None means batch row b is slot b. Positions past max_len (bucket padding) are dropped.
+    def write(self, block_tables, positions, k_new, v_new) -> KVCache:
+        """Scatter k_new, v_new [layers, batch, seq, kv_heads, head_dim] at positions [batch, seq] of each row.
+
+        block_tables: [batch, n_pages] int32. Positions past the table, or on a "no page" entry
+        (padding rows, bucket padding), are dropped.
         """
-        b = positions.shape[0]
-        rows = jnp.arange(b) if slot_ids is None else slot_ids
-        idx = (slice(None), rows[:, None], positions)
+        page_of = positions // self.page_size
+        n = block_tables.shape[1]
+        page = jnp.take_along_axis(block_tables, jnp.minimum(page_of, n - 1), axis=1)
+        page = jnp.where(page_of < n, page, self.num_pages)
+        idx = (slice(None), page, positions % self.page_size)
         return KVCache(
             self.k.at[idx].set(k_new.astype(self.k.dtype), mode="drop"),
             self.v.at[idx].set(v_new.astype(self.v.dtype), mode="drop"),
         )
+
+
+def bytes_per_token(cfg: ModelConfig, dtype) -> int:
+    """KV cache bytes one token takes over all layers (keys and values)."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.engine.kv_cache import KVCache
+from jaxllm.engine.kv_cache import KVCache, bytes_per_token
 from jaxllm.engine.sampling import RowParams, SamplerFlags, sample
 from jaxllm.models.registry import forward
 
@@ -48,20 +48,29 @@ class DecodeState:
 @dataclasses.dataclass
 class PrefillBatch:
     """Host-side inputs of one prefill: tokens [rows, T] padded; starts (tokens already cached), lengths
-    (tokens in this chunk) and slots [rows]; row params; bias [rows, V]; ctx_len: static cached prefix
-    bucket the chunk attends to (0 for a prompt's first chunk)."""
+    (tokens in this chunk), slots (decode-state rows), prompt_lens (prompt part of each row's tokens: the
+    rest are earlier outputs being recomputed) and out_steps (outputs generated before) [rows];
+    block_tables [rows, n_pages]; row params; bias [rows, V]; ctx_len: static cached prefix bucket the
+    chunk attends to (0 for a sequence's first chunk)."""
 
     tokens: np.ndarray
     starts: np.ndarray
     lengths: np.ndarray
     slots: np.ndarray
+    prompt_lens: np.ndarray
+    out_steps: np.ndarray
+    block_tables: np.ndarray
     params: RowParams
     bias: np.ndarray
     ctx_len: int = 0
 
 
 class ModelRunner:
-    """Runs the model: `prefill` new sequences into slots, `decode` every active slot some steps."""
+    """Runs the model: `prefill` new sequences into slots, `decode` every active slot some steps.
+
+    The KV cache is a pool of pages (`KVCache`); which pages a row uses comes with each call as
+    block tables. Slots index the per-sequence decode state only.
+    """
 
     def __init__(self, model, params, cfg, dtype=jnp.float32, decode_steps: int = 4, max_prefill_tokens: int = 4096):
         self.model, self.params, self.cfg, self.dtype = model, params, cfg, dtype
@@ -69,6 +78,7 @@ class ModelRunner:
         self.max_prefill_tokens = max_prefill_tokens
         self.cache: KVCache | None = None
         self.state: DecodeState | None = None
+        self.slots = 0
         self.compiles: Counter = Counter()
         self.stop_mask = (
             jnp.zeros((cfg.vocab_size,), bool).at[jnp.asarray(cfg.eos_token_ids, jnp.int32)].set(True)
@@ -81,29 +91,40 @@ class ModelRunner:
         )
 
     @property
-    def slots(self) -> int:
-        return 0 if self.cache is None else self.cache.slots
+    def num_pages(self) -> int:
+        return 0 if self.cache is None else self.cache.num_pages
 
     @property
-    def max_len(self) -> int:
-        return 0 if self.cache is None else self.cache.max_len
+    def page_size(self) -> int:
+        return 0 if self.cache is None else self.cache.page_size
 
-    def ensure_capacity(self, slots: int, max_len: int):
-        """Make the cache hold at least `slots` sequences of `max_len` tokens (only valid while idle)."""
-        if self.cache is not None and self.cache.slots >= slots and self.cache.max_len >= max_len:
+    def allocate(self, slots: int, num_pages: int, page_size: int):
+        """(Re)allocate the page pool and the decode state of `slots` sequences (only valid while idle)."""
+        if self.cache is not None and (self.slots, self.num_pages, self.page_size) == (slots, num_pages, page_size):
             return
-        slots, max_len = max(slots, self.slots), max(max_len, self.max_len)
         self.cache = self.state = None  # free the old buffers before allocating the new ones
-        self.cache = KVCache.zeros(self.cfg, slots, max_len, self.dtype)
+        self.cache = KVCache.zeros(self.cfg, num_pages, page_size, self.dtype)
         self.state = DecodeState.zeros(slots, self.cfg.vocab_size)
+        self.slots = slots
+
+    def kv_bytes_per_token(self) -> int:
+        return bytes_per_token(self.cfg, self.dtype)
+
+    def free_device_memory(self) -> int | None:
+        """Bytes the device can still allocate, where it reports it (GPU/TPU); None on the CPU."""
+        stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        in_use = stats.get("bytes_in_use", 0) + (0 if self.cache is None else self.cache.k.nbytes + self.cache.v.nbytes)
+        return stats["bytes_limit"] - in_use
 
     def prefill_rows(self, length_bucket: int) -> int:
         """How many prompts of this length bucket one prefill call may take."""
         return max(1, min(self.slots, self.max_prefill_tokens // length_bucket))
 
     def prefill(self, batch: PrefillBatch, flags: SamplerFlags):
-        """Prefill prompt chunks into their slots and sample a token after each (device arrays; only a
-        prompt's last chunk's token is meaningful)."""
+        """Prefill chunks into their pages and sample a token after each (device arrays; only a sequence's
+        last chunk's token is meaningful)."""
         self.cache, self.state, first, info = self._prefill(
             self.params,
             self.cache,
@@ -112,6 +133,9 @@ class ModelRunner:
             jnp.asarray(batch.starts),
             jnp.asarray(batch.lengths),
             jnp.asarray(batch.slots),
+            jnp.asarray(batch.prompt_lens),
+            jnp.asarray(batch.out_steps),
+            jnp.asarray(batch.block_tables),
             batch.params,
             jnp.asarray(batch.bias),
             self.stop_mask,
@@ -121,16 +145,25 @@ class ModelRunner:
         return first, info
 
     def decode(
-        self, params: RowParams, active: np.ndarray, rows: int, attn_len: int, flags: SamplerFlags, n_steps: int = 0
+        self,
+        params: RowParams,
+        active: np.ndarray,
+        block_tables: np.ndarray,
+        rows: int,
+        attn_len: int,
+        flags: SamplerFlags,
+        n_steps: int = 0,
     ):
-        """Dispatch `n_steps` (default `decode_steps`) decode steps over the first `rows` slots; returns device arrays
-        (tokens [steps, rows], logprob info) without waiting for them."""
+        """Dispatch `n_steps` (default `decode_steps`) decode steps over the first `rows` slots, whose pages
+        are block_tables [rows, n_pages] (covering every position written); returns device arrays (tokens
+        [steps, rows], logprob info) without waiting for them."""
         self.cache, self.state, toks, info = self._decode(
             self.params,
             self.cache,
             self.state,
             params,
             jnp.asarray(active),
+            jnp.asarray(block_tables),
             self.stop_mask,
             flags=flags,
             rows=rows,
@@ -139,38 +172,61 @@ class ModelRunner:
         )
         return toks, info
 
-    def _prefill_fn(self, params, cache, state, tokens, starts, lengths, slots, rp, bias, stop_mask, *, flags, ctx_len):
+    def _prefill_fn(
+        self,
+        params,
+        cache,
+        state,
+        tokens,
+        starts,
+        lengths,
+        slots,
+        prompt_lens,
+        out_steps,
+        block_tables,
+        rp,
+        bias,
+        stop_mask,
+        *,
+        flags,
+        ctx_len,
+    ):
         self.compiles["prefill"] += 1
         rows, t = tokens.shape
         offsets = jnp.arange(t, dtype=jnp.int32)[None]
         positions = starts[:, None] + offsets
         logits, cache = forward(
-            self.model, params, tokens, positions, cache, slots, starts, ctx_len, logits_index=lengths - 1
+            self.model, params, tokens, positions, cache, block_tables, starts, ctx_len, logits_index=lengths - 1
         )
         vocab = logits.shape[-1]
         valid = offsets < lengths[:, None]
+        in_prompt = valid & (positions < prompt_lens[:, None])
+        in_output = valid & ~in_prompt
         row_ix = jnp.arange(rows)[:, None]
-        # The prompt mask of a chunked prompt accumulates over its chunks; the first chunk starts it afresh.
-        earlier = jnp.where((starts > 0)[:, None], state.prompt_mask[jnp.minimum(slots, self.slots - 1)], False)
-        prompt_mask = earlier.at[row_ix, jnp.where(valid, tokens, vocab)].set(True, mode="drop")
-        counts = jnp.zeros((rows, vocab), jnp.int32)
-        zeros = jnp.zeros((rows,), jnp.int32)
+        # The prompt mask and output counts of a chunked sequence accumulate over its chunks; its first
+        # chunk starts them afresh.
+        prev = jnp.minimum(slots, self.slots - 1)
+        later = (starts > 0)[:, None]
+        prompt_mask = jnp.where(later, state.prompt_mask[prev], False)
+        prompt_mask = prompt_mask.at[row_ix, jnp.where(in_prompt, tokens, vocab)].set(True, mode="drop")
+        counts = jnp.where(later, state.counts[prev], 0)
+        counts = counts.at[row_ix, jnp.where(in_output, tokens, vocab)].add(1, mode="drop")
         first, info = sample(
-            logits, rp, zeros, flags, prompt_mask=prompt_mask, counts=counts, bias=bias, stop_mask=stop_mask
+            logits, rp, out_steps, flags, prompt_mask=prompt_mask, counts=counts, bias=bias, stop_mask=stop_mask
         )
         counts = counts.at[jnp.arange(rows), first].add(1)
         put = lambda dst, src: dst.at[slots].set(src, mode="drop")
         state = DecodeState(
             put(state.tokens, first),
             put(state.positions, starts + lengths),
-            put(state.steps, zeros + 1),
+            put(state.steps, out_steps + 1),
             put(state.prompt_mask, prompt_mask),
             put(state.counts, counts),
             put(state.bias, bias),
         )
         return cache, state, first, info
 
-    def _decode_fn(self, params, cache, state, rp, active, stop_mask, *, flags, rows, attn_len, n_steps):
+    def _decode_fn(self, params, cache, state, rp, active, block_tables, stop_mask, *, flags, rows, attn_len, n_steps):
         self.compiles["decode"] += 1
         take = lambda x: x[:rows]
         st = jax.tree.map(take, state)
@@ -178,7 +234,14 @@ class ModelRunner:
         def step(carry, _):
             cache, st = carry
             logits, cache = forward(
-                self.model, params, st.tokens[:, None], st.positions[:, None], cache, None, st.positions, attn_len
+                self.model,
+                params,
+                st.tokens[:, None],
+                st.positions[:, None],
+                cache,
+                block_tables,
+                st.positions,
+                attn_len,
             )
             tok, info = sample(
                 logits[:, 0],

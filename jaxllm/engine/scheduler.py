@@ -1,9 +1,14 @@
-"""The scheduler: which sequences run this step, and how much of each prompt is prefilled. No JAX here.
+"""The scheduler: which sequences run this step, how much of each is prefilled, which pages they use. No JAX.
 
 There are no phases: every sequence has tokens computed (in the KV cache) and tokens it needs; each
 step hands out a token budget. Running sequences that are fully prefilled decode (one token of
 budget each); the rest of the budget prefills prompts in chunks, first for sequences already
-holding a slot, then for new ones admitted first come, first served while slots are free.
+holding a slot, then for new ones admitted first come, first served while slots and pages are free.
+
+KV memory comes in pages from a `PagePool`. A new sequence starts from the longest prefix of its
+prompt already cached and prefills only the rest. When the pool runs dry, the newest running
+sequence is preempted: its pages are freed (and stay findable by prefix hash) and it goes back to
+the front of the waiting queue, to be recomputed from its prompt and the outputs it already has.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import itertools
 
+from jaxllm.engine.kv_pages import PagePool, page_hashes
 from jaxllm.engine.sequence import Sequence
 from jaxllm.errors import QueueFullError
 
 
 @dataclasses.dataclass
 class PrefillChunk:
-    """Prompt tokens [start, end) of `seq` to write into its slot; the last chunk samples a token."""
+    """Tokens [start, end) of `seq` to write into its pages; the last chunk samples a token."""
 
     seq: Sequence
     start: int
@@ -26,7 +33,7 @@ class PrefillChunk:
 
     @property
     def last(self) -> bool:
-        return self.end == len(self.seq.prompt_ids)
+        return self.end == self.seq.prefill_len
 
 
 @dataclasses.dataclass
@@ -43,20 +50,32 @@ class Plan:
 
 
 class Scheduler:
-    """FCFS admission into `max_seqs` slots, chunked prefill under `token_budget`, decode of the rest."""
+    """FCFS admission into `max_seqs` slots and the pool's pages, chunked prefill under `token_budget`,
+    decode of the rest, preemption of the newest when pages run out."""
 
-    def __init__(self, max_seqs: int, token_budget: int, max_waiting: int | None = None, decode_steps: int = 1):
+    def __init__(
+        self,
+        max_seqs: int,
+        token_budget: int,
+        max_waiting: int | None = None,
+        decode_steps: int = 1,
+        pool: PagePool | None = None,
+    ):
         self.max_seqs, self.token_budget = max_seqs, token_budget
         self.max_waiting, self.decode_steps = max_waiting, decode_steps
+        self.pool = pool or PagePool(0, 16)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}
+        self.preemptions = 0
         self._free = list(range(max_seqs))
         heapq.heapify(self._free)
+        self._order = itertools.count()
+        self._to_register: list[Sequence] = []
 
-    def resize(self, max_seqs: int) -> None:
-        """Change the number of slots (only while nothing runs)."""
+    def resize(self, max_seqs: int, pool: PagePool) -> None:
+        """Change the number of slots and the page pool (only while nothing runs)."""
         assert not self.running, "resize() while sequences are running"
-        self.max_seqs = max_seqs
+        self.max_seqs, self.pool = max_seqs, pool
         self._free = list(range(max_seqs))
         heapq.heapify(self._free)
 
@@ -79,9 +98,11 @@ class Scheduler:
         return hit
 
     def release(self, seq: Sequence) -> None:
+        """Give back a finished sequence's slot and pages."""
         if seq.slot is not None and self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
             heapq.heappush(self._free, seq.slot)
+            self._free_pages(seq)
 
     @property
     def num_free_slots(self) -> int:
@@ -93,33 +114,129 @@ class Scheduler:
     # ---- planning -------------------------------------------------------------------------------
     def schedule(self) -> Plan:
         """Plan one step. Marks chunks as computed and decodes as in flight (their results come later)."""
-        decodes = [s for s in self.running.values() if s.prefilled and not s.finished and s.wants_more()]
-        budget = self.token_budget - len(decodes)
-        prefills = []
-        for s in sorted((s for s in self.running.values() if not s.prefilled), key=lambda s: s.arrival):
-            if budget <= 0:
-                break
-            prefills.append(self._chunk(s, budget))
-            budget -= prefills[-1].end - prefills[-1].start
-        while self.waiting and self._free and budget > 0:
-            s = self.waiting.popleft()
-            s.slot = heapq.heappop(self._free)
-            self.running[s.slot] = s
-            prefills.append(self._chunk(s, budget))
-            budget -= prefills[-1].end - prefills[-1].start
         # While prompts wait or are being prefilled, decode one step at a time so that they join the
         # batch soon; in steady state run several steps per dispatch.
-        steps = 1 if prefills or self.waiting else self.decode_steps
+        # Pages written by the previous step's prefills become findable now: a request admitted in the
+        # same step as the one writing them would read them before they are written.
+        for seq in self._to_register:
+            self._register(seq, seq.num_computed)
+        busy = self.waiting or any(not s.prefilled for s in self.running.values())
+        steps = 1 if busy else self.decode_steps
+        decodes = []
+        for s in self._by_age(lambda s: s.prefilled and not s.finished and s.wants_more()):
+            # This step writes positions up to num_tokens + inflight + steps - 2.
+            if s.slot is not None and self._grow(s, s.num_tokens + s.inflight + steps - 1):
+                decodes.append(s)
+        budget = self.token_budget - len(decodes)
+        prefills = []
+        for s in self._by_age(lambda s: not s.prefilled):
+            if budget <= 0:
+                break
+            chunk = self._chunk(s, budget, preempt=True) if s.slot is not None else None
+            if chunk is not None:
+                prefills.append(chunk)
+                budget -= chunk.end - chunk.start
+        while self.waiting and self._free and budget > 0:
+            chunk = self._admit(budget)
+            if chunk is None:
+                break
+            prefills.append(chunk)
+            budget -= chunk.end - chunk.start
+        decodes = [s for s in decodes if s.slot is not None]  # drop any preempted by a later prefill
         for s in decodes:
             s.inflight += steps
+        self._to_register = [c.seq for c in prefills if c.seq.slot is not None]
         return Plan(prefills, decodes, steps)
 
-    def _chunk(self, s: Sequence, budget: int) -> PrefillChunk:
-        """The next chunk of s's prompt: all of the rest if it fits, else a power of two within budget."""
-        rest = len(s.prompt_ids) - s.num_computed
+    def _by_age(self, keep) -> list[Sequence]:
+        return sorted((s for s in self.running.values() if keep(s)), key=lambda s: s.order)
+
+    def _admit(self, budget: int) -> PrefillChunk | None:
+        """Give the first waiting sequence a slot, its cached prefix and its first chunk's pages."""
+        while self.waiting and self.waiting[0].finished:  # finished by results that arrived after preemption
+            self.waiting.popleft()
+        if not self.waiting or self.waiting[0].inflight:  # a preempted sequence's last tokens are on the way
+            return None
+        s = self.waiting[0]
+        tokens = s.token_ids()
+        s.prefill_len = len(tokens)
+        s.hashes = page_hashes(tokens, self.pool.page_size) if self.pool.prefix_caching else []
+        s.pages = self.pool.match_prefix(s.hashes, (len(tokens) - 1) // self.pool.page_size)
+        s.num_computed = len(s.pages) * self.pool.page_size
+        chunk = self._chunk(s, budget, preempt=False)
+        if chunk is None:
+            self.pool.free(s.pages)
+            s.pages, s.num_computed = [], 0
+            return None
+        if not s.preemptions:
+            s.cached_tokens = chunk.start
+        self.waiting.popleft()
+        s.slot = heapq.heappop(self._free)
+        s.order = next(self._order)
+        self.running[s.slot] = s
+        return chunk
+
+    def _chunk(self, s: Sequence, budget: int, preempt: bool) -> PrefillChunk | None:
+        """The next chunk of s: all of the rest if it fits the budget, else a power of two within it; None
+        when its pages cannot be had (after preempting newer sequences, if allowed)."""
+        rest = s.prefill_len - s.num_computed
         size = rest if rest <= budget else 1 << (budget.bit_length() - 1)
-        chunk = PrefillChunk(s, s.num_computed, s.num_computed + size)
-        s.num_computed = chunk.end
+        end = s.num_computed + size
+        if preempt:
+            if not self._grow(s, end):
+                return None
+        elif not self._extend(s, end):
+            return None
+        chunk = PrefillChunk(s, s.num_computed, end)
+        s.num_computed = end
         if chunk.last:
             s.inflight += 1
         return chunk
+
+    # ---- pages ----------------------------------------------------------------------------------
+    def _extend(self, s: Sequence, tokens: int) -> bool:
+        """Give s pages for its first `tokens` positions, if the pool has them."""
+        need = self.pool.pages_for(tokens) - len(s.pages)
+        if need <= 0:
+            return True
+        got = self.pool.allocate(need)
+        if got is None:
+            return False
+        s.pages += got
+        return True
+
+    def _grow(self, s: Sequence, tokens: int) -> bool:
+        """Like _extend, preempting the newest running sequences while pages are short; False when s itself
+        had to go."""
+        while not self._extend(s, tokens):
+            victim = max(self.running.values(), key=lambda r: r.order)
+            self._preempt(victim)
+            if victim is s:
+                return False
+        return True
+
+    def _preempt(self, s: Sequence) -> None:
+        del self.running[s.slot]
+        heapq.heappush(self._free, s.slot)
+        self._free_pages(s)
+        s.slot, s.num_computed = None, 0
+        s.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(s)
+
+    def _free_pages(self, s: Sequence) -> None:
+        """Free s's pages, first making its full pages of known, written tokens findable by prefix."""
+        # Decoding: every token but the last sampled one has its keys/values written (or being written).
+        written = s.num_tokens - 1 if s.prefilled else s.num_computed
+        self._register(s, written)
+        self.pool.free(s.pages)
+        s.pages = []
+        if s in self._to_register:
+            self._to_register.remove(s)
+
+    def _register(self, s: Sequence, written: int) -> None:
+        if self.pool.prefix_caching and s.pages:
+            s.hashes = page_hashes(
+                s.token_ids()[:written], self.pool.page_size, s.hashes[: written // self.pool.page_size]
+            )
+            self.pool.register(s.pages, s.hashes)

@@ -51,8 +51,14 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.slot: int | None = None
         self.arrival = arrival
-        self.num_computed = 0  # prompt tokens already dispatched into the KV cache
+        self.order = 0  # admission order, set by the scheduler: the highest is the newest
+        self.num_computed = 0  # tokens already dispatched into the KV cache by prefill
+        self.prefill_len = len(prompt_ids)  # tokens to prefill: the prompt, plus earlier outputs after preemption
         self.inflight = 0  # tokens dispatched to the device whose results are not read yet
+        self.pages: list[int] = []  # KV cache pages holding positions [i * page_size, (i + 1) * page_size)
+        self.hashes: list[int] = []  # prefix hashes of the full pages computed so far
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache on admission
+        self.preemptions = 0
         self.max_len = max_len
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
@@ -70,7 +76,11 @@ class Sequence:
 
     @property
     def prefilled(self) -> bool:
-        return self.num_computed == len(self.prompt_ids)
+        return self.num_computed >= self.prefill_len
+
+    def token_ids(self) -> list[int]:
+        """The prompt followed by the outputs so far."""
+        return self.prompt_ids + self.output_ids
 
     def wants_more(self) -> bool:
         """True while tokens beyond those already in flight may still be needed."""

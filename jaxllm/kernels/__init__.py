@@ -1,8 +1,9 @@
 """Attention and matmul kernels behind one interface each, chosen by backend.
 
-Only the `jax.numpy` reference exists so far; Pallas kernels join beside it (issue 4).
+`paged_attention` runs the Pallas kernels on GPU (flash attention for prefill, paged decode attention
+for single-token steps) and the `jax.numpy` reference everywhere else.
 """
 
-from jaxllm.kernels.attention.reference import attention
+from jaxllm.kernels.attention import paged_attention
 
-__all__ = ["attention"]
+__all__ = ["paged_attention"]

@@ -1,8 +1,9 @@
 """The Llama family (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as one Flax module.
 
-The layers are stacked and run under `nn.scan`. The KV cache is passed into the scan read-only;
-each layer returns its new keys and values as scan outputs, which the caller writes into the
-(donated) cache with one scatter after the scan, so XLA never copies the cache per layer.
+The layers are stacked and run under `nn.scan`. The paged KV cache is passed into the scan
+read-only; each layer reads its context through the block tables and returns its new keys and values
+as scan outputs, which the caller writes into the (donated) cache with one scatter after the scan,
+so XLA never copies the cache per layer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_ctx, v_ctx, ctx_lens):
+    def __call__(self, x, cos, sin, k_pages, v_pages, block_tables, ctx_lens):
         """x [batch, seq, embed] -> (out [batch, seq, embed], k_new, v_new [batch, seq, kv_heads, head_dim])."""
         c, dt = self.cfg, self.dtype
         d, h, kvh, hd, g = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_groups
@@ -42,7 +43,7 @@ class Attention(nn.Module):
             q = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = kernels.attention(q, k, v, k_ctx, v_ctx, ctx_lens, c.sliding_window)
+        out = kernels.paged_attention(q, k, v, k_pages, v_pages, block_tables, ctx_lens, c.sliding_window)
         return jnp.einsum("bthk,hkd->btd", out, wo), k, v
 
 
@@ -51,6 +52,7 @@ class DecoderLayer(nn.Module):
 
     The layer reads its own slice of the cache: slicing inside the scan body lets XLA read the
     cache in place, where slicing the stacked cache before the scan costs a full copy per call.
+    It attends to the first `ctx_len` positions of each row's pages (static).
     """
 
     cfg: ModelConfig
@@ -59,17 +61,19 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, shared, layer_cache):
-        """x [batch, seq, embed]; shared = (cos, sin, ctx_lens, slot_ids);
-        layer_cache = (k, v) [slots, max_len, kv_heads, head_dim] of this layer, or (None, None)."""
-        cos, sin, ctx_lens, slot_ids = shared
-        k_ctx, v_ctx = layer_cache
+        """x [batch, seq, embed]; shared = (cos, sin, ctx_lens, block_tables [batch, n_pages]);
+        layer_cache = (k, v) [num_pages, page_size, kv_heads, head_dim] of this layer, or (None, None)."""
+        cos, sin, ctx_lens, block_tables = shared
+        k_pages, v_pages = layer_cache
         if self.ctx_len:
-            rows = slice(0, x.shape[0]) if slot_ids is None else slot_ids
-            k_ctx, v_ctx = k_ctx[rows, : self.ctx_len], v_ctx[rows, : self.ctx_len]
+            page_size = k_pages.shape[1]
+            if self.ctx_len < page_size:  # one page per row (contiguous layout): read only its head
+                k_pages, v_pages = k_pages[:, : self.ctx_len], v_pages[:, : self.ctx_len]
+            block_tables = block_tables[:, : -(-self.ctx_len // page_size)]
         c = self.cfg
         with jax.named_scope("attention"):
             h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="attn_norm")(x)
-            a, k, v = Attention(c, self.dtype, name="attn")(h, cos, sin, k_ctx, v_ctx, ctx_lens)
+            a, k, v = Attention(c, self.dtype, name="attn")(h, cos, sin, k_pages, v_pages, block_tables, ctx_lens)
             x = x + a
         with jax.named_scope("mlp"):
             h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="mlp_norm")(x)
@@ -85,13 +89,14 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens, positions, k_cache, v_cache, ctx_lens, slot_ids=None, ctx_len: int = 0, logits_index=None
+        self, tokens, positions, k_cache, v_cache, ctx_lens, block_tables=None, ctx_len: int = 0, logits_index=None
     ):
         """Run the model.
 
-        tokens, positions: [batch, seq] int32; k_cache, v_cache: [layers, slots, max_len, kv_heads, head_dim]
-        or None; ctx_lens: [batch] valid cached slots; slot_ids: [batch] cache slot of each row, or None
-        when row b is slot b; ctx_len: static number of cache slots attended; logits_index: [batch] or
+        tokens, positions: [batch, seq] int32; k_cache, v_cache: [layers, num_pages, page_size, kv_heads,
+        head_dim] or None; ctx_lens: [batch] valid cached positions per row; block_tables: [batch, n_pages]
+        int32 pages of each row (see `jaxllm.engine.kv_cache`); ctx_len: static number of cached positions
+        attended (0: none); logits_index: [batch] or
         None — when given, only the logits at that position of each row are computed ([batch, vocab]
         instead of [batch, seq, vocab]).
         Returns (logits, (k_new, v_new)) with k_new, v_new [layers, batch, seq, kv_heads, head_dim].
@@ -108,7 +113,7 @@ class Transformer(nn.Module):
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, dt, ctx_len if k_cache is not None else 0, name="layers")
-        x, (k_new, v_new) = layers(x, (cos, sin, ctx_lens, slot_ids), (k_cache, v_cache))
+        x, (k_new, v_new) = layers(x, (cos, sin, ctx_lens, block_tables), (k_cache, v_cache))
         x = RMSNorm(c.rms_norm_eps, dtype=dt, name="final_norm")(x)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]

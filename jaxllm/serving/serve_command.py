@@ -27,6 +27,15 @@ def add_parser(sub, positive) -> None:
         default=512,
         help="tokens computed per step; longer prompts are prefilled in chunks",
     )
+    p.add_argument("--page-size", type=positive, default=16, help="tokens per KV cache page")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="KV cache budget in GiB (default: 90%% of free device memory on GPU, 4 GiB on the CPU)",
+    )
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached pages of shared prefixes")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")
     p.add_argument("--chat-template", default=None, metavar="FILE")
@@ -58,6 +67,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=max_len,
         token_budget=args.token_budget,
         max_waiting=args.max_waiting,
+        page_size=args.page_size,
+        kv_cache_memory=args.kv_cache_memory,
+        prefix_caching=not args.no_prefix_caching,
     )
     app = create_app(
         llm,

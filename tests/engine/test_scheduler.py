@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from jaxllm.engine.kv_pages import PagePool
 from jaxllm.engine.scheduler import Scheduler
 from jaxllm.engine.sequence import Sequence
 from jaxllm.errors import QueueFullError
@@ -31,6 +32,10 @@ def seq(rid: str, prompt_len: int, max_tokens: int = 4, arrival: float = 0.0) ->
     )
 
 
+def make_sched(max_seqs: int, token_budget: int, pages: int = 1000, page_size: int = 16, prefix_caching=True, **kw):
+    return Scheduler(max_seqs, token_budget, pool=PagePool(pages, page_size, prefix_caching), **kw)
+
+
 def feed(sched: Scheduler, plan, token: int = 5):
     """Play the model: every last prefill chunk and every decode returns `decode_steps` tokens."""
     for c in plan.prefills:
@@ -38,8 +43,8 @@ def feed(sched: Scheduler, plan, token: int = 5):
             c.seq.inflight -= 1
             c.seq.append(token, None)
     for s in plan.decodes:
-        s.inflight -= sched.decode_steps
-        for _ in range(sched.decode_steps):
+        s.inflight -= plan.decode_steps
+        for _ in range(plan.decode_steps):
             s.append(token, None)
     for s in list(sched.running.values()):
         if s.finished:
@@ -47,7 +52,7 @@ def feed(sched: Scheduler, plan, token: int = 5):
 
 
 def test_fcfs_admission_into_free_slots():
-    sched = Scheduler(max_seqs=2, token_budget=1000)
+    sched = make_sched(max_seqs=2, token_budget=1000)
     a, b, c = seq("a", 5, arrival=1), seq("b", 5, arrival=2), seq("c", 5, arrival=3)
     for s in (a, b, c):
         sched.add([s])
@@ -57,7 +62,7 @@ def test_fcfs_admission_into_free_slots():
 
 
 def test_chunked_prefill_under_a_token_budget_and_decodes_go_first():
-    sched = Scheduler(max_seqs=4, token_budget=16)
+    sched = make_sched(max_seqs=4, token_budget=16)
     long, short = seq("long", 40, max_tokens=8), seq("short", 3, max_tokens=8)
     sched.add([long])
     plan = sched.schedule()
@@ -75,7 +80,7 @@ def test_chunked_prefill_under_a_token_budget_and_decodes_go_first():
 
 
 def test_budget_counts_decodes_and_chunks_are_powers_of_two():
-    sched = Scheduler(max_seqs=4, token_budget=20)
+    sched = make_sched(max_seqs=4, token_budget=20)
     d = seq("d", 2, max_tokens=50)
     sched.add([d])
     feed(sched, sched.schedule())
@@ -86,7 +91,7 @@ def test_budget_counts_decodes_and_chunks_are_powers_of_two():
 
 
 def test_finished_sequences_free_their_slot_for_the_next():
-    sched = Scheduler(max_seqs=1, token_budget=100)
+    sched = make_sched(max_seqs=1, token_budget=100)
     a, b = seq("a", 3, max_tokens=1), seq("b", 3)
     sched.add([a])
     sched.add([b])
@@ -97,7 +102,7 @@ def test_finished_sequences_free_their_slot_for_the_next():
 
 
 def test_abort_frees_slots_and_drops_waiting():
-    sched = Scheduler(max_seqs=1, token_budget=100)
+    sched = make_sched(max_seqs=1, token_budget=100)
     a, b = seq("a", 3), seq("b", 3)
     sched.add([a])
     sched.add([b])
@@ -108,7 +113,7 @@ def test_abort_frees_slots_and_drops_waiting():
 
 
 def test_waiting_queue_limit_refuses_whole_requests():
-    sched = Scheduler(max_seqs=1, token_budget=100, max_waiting=2)
+    sched = make_sched(max_seqs=1, token_budget=100, max_waiting=2)
     sched.add([seq("a", 3)])
     sched.add([seq("b", 3)])
     with pytest.raises(QueueFullError):
@@ -119,10 +124,121 @@ def test_waiting_queue_limit_refuses_whole_requests():
 
 
 def test_in_flight_tokens_stop_extra_decodes():
-    sched = Scheduler(max_seqs=1, token_budget=100, decode_steps=4)
+    sched = make_sched(max_seqs=1, token_budget=100, decode_steps=4)
     s = seq("a", 3, max_tokens=5)
     sched.add([s])
     sched.schedule()  # prefill: 1 token in flight
     plan = sched.schedule()  # decode: 4 more in flight = 5 = max_tokens
     assert plan.decodes == [s] and s.inflight == 5
     assert sched.schedule().decodes == []  # nothing more can be needed until results come back
+
+
+# ---- pages ----------------------------------------------------------------------------------------
+def run_until_done(sched: Scheduler, limit: int = 1000) -> list:
+    plans = []
+    while sched.has_work() and len(plans) < limit:
+        plans.append(sched.schedule())
+        feed(sched, plans[-1])
+    assert not sched.has_work(), "the scheduler did not finish"
+    return plans
+
+
+def test_pages_follow_growth_and_return_when_sequences_end():
+    sched = make_sched(max_seqs=2, token_budget=100, pages=10, page_size=4)
+    a = seq("a", 6, max_tokens=5)
+    sched.add([a])
+    feed(sched, sched.schedule())
+    assert len(a.pages) == 2 and sched.pool.num_used == 2  # 6 prompt tokens
+    run_until_done(sched)
+    assert a.finish_reason == "length" and sched.pool.num_used == 0 and a.pages == []
+
+
+def test_decode_pages_cover_every_position_written():
+    sched = make_sched(max_seqs=1, token_budget=100, pages=10, page_size=4, decode_steps=4)
+    a = seq("a", 4, max_tokens=9)  # the prompt exactly fills its first page
+    sched.add([a])
+    plan = sched.schedule()
+    assert len(a.pages) == 1
+    feed(sched, plan)
+    plan = sched.schedule()  # 4 steps write positions 4..7
+    assert plan.decode_steps == 4 and len(a.pages) == 2
+    feed(sched, plan)
+    plan = sched.schedule()  # 4 more write positions 8..11
+    assert len(a.pages) == 3
+
+
+def test_the_newest_sequence_is_preempted_when_pages_run_out_and_recomputed_later():
+    # 6 pages of 4 tokens: two sequences of 8 + 8 tokens need 4 pages each by the end.
+    sched = make_sched(max_seqs=2, token_budget=100, pages=6, page_size=4)
+    a, b = seq("a", 7, max_tokens=8), seq("b", 7, max_tokens=8)
+    sched.add([a])
+    sched.add([b])
+    plans = run_until_done(sched)
+    assert a.finish_reason == b.finish_reason == "length"
+    assert len(a.output_ids) == len(b.output_ids) == 8
+    assert b.preemptions >= 1 and a.preemptions == 0 and sched.preemptions == b.preemptions
+    # b came back with its prompt and the outputs it had as one prefill, sampling its next token.
+    # (It may start past 0: its own pages, freed on preemption, stay findable by prefix.)
+    re = [c for p in plans for c in p.prefills if c.seq is b and c.end > 7]
+    assert re and re[-1].last and re[-1].end == b.prefill_len > 7
+    assert sched.pool.num_used == 0
+
+
+def test_a_shared_prefix_is_found_and_only_the_rest_is_prefilled():
+    sched = make_sched(max_seqs=2, token_budget=100, pages=20, page_size=4)
+    a = seq("a", 10, max_tokens=2)
+    sched.add([a])
+    feed(sched, sched.schedule())
+    b = seq("b", 10, max_tokens=2)
+    b.prompt_ids = list(range(1, 9)) + [50, 51]  # shares a's first 8 tokens = 2 full pages
+    sched.add([b])
+    plan = sched.schedule()
+    (chunk,) = [c for c in plan.prefills if c.seq is b]
+    assert (chunk.start, chunk.end) == (8, 10) and b.cached_tokens == 8
+    assert b.pages[:2] == a.pages[:2] and sched.pool.refs[a.pages[0]] == 2
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    sched = make_sched(max_seqs=2, token_budget=100, pages=20, page_size=4)
+    a = seq("a", 8, max_tokens=1)
+    sched.add([a])
+    run_until_done(sched)
+    b = seq("b", 8, max_tokens=1)
+    sched.add([b])
+    plan = sched.schedule()
+    assert [(c.start, c.end) for c in plan.prefills] == [(4, 8)]  # page 2 holds the last token: recomputed
+
+
+def test_pages_are_findable_only_after_the_step_that_writes_them():
+    sched = make_sched(max_seqs=3, token_budget=100, pages=20, page_size=4)
+    a, b = seq("a", 9), seq("b", 9)
+    sched.add([a])
+    sched.add([b])
+    plan = sched.schedule()  # both admitted in one step: b must not read a's unwritten pages
+    assert [(c.start, c.end) for c in plan.prefills] == [(0, 9), (0, 9)]
+    c = seq("c", 9)
+    sched.add([c])
+    plan = sched.schedule()
+    assert [(ch.start, ch.end) for ch in plan.prefills if ch.seq is c] == [(8, 9)]
+
+
+def test_prefix_caching_off_prefills_everything():
+    sched = make_sched(max_seqs=2, token_budget=100, pages=20, page_size=4, prefix_caching=False)
+    a = seq("a", 9, max_tokens=1)
+    sched.add([a])
+    run_until_done(sched)
+    b = seq("b", 9, max_tokens=1)
+    sched.add([b])
+    assert [(c.start, c.end) for c in sched.schedule().prefills] == [(0, 9)] and b.cached_tokens == 0
+
+
+def test_admission_waits_for_pages_instead_of_preempting():
+    sched = make_sched(max_seqs=2, token_budget=100, pages=3, page_size=4)
+    a, b = seq("a", 10, max_tokens=2), seq("b", 6, max_tokens=2)
+    sched.add([a])
+    sched.add([b])
+    plan = sched.schedule()
+    assert [c.seq for c in plan.prefills] == [a] and list(sched.waiting) == [b]
+    feed(sched, plan)
+    run_until_done(sched)
+    assert a.finish_reason == b.finish_reason == "length" and a.preemptions == b.preemptions == 0

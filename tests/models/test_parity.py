@@ -37,14 +37,17 @@ def _hf_reference(model, prompt):
     return prefill, step_logits, tokens
 
 
-def _our_logits(loaded, prompt, tokens):
-    """Our prefill logits [T, V] and the logits of the decode steps fed `tokens` (teacher forcing)."""
+def _our_logits(loaded, prompt, tokens, page_size=64):
+    """Our prefill logits [T, V] and the logits of the decode steps fed `tokens` (teacher forcing), over a
+    64-token cache in pages of `page_size` (64: one contiguous page), the pages in scrambled order."""
     cfg, model, params = loaded.config, loaded.model, loaded.params
-    cache = KVCache.zeros(cfg, 1, 64)
+    n_pages = 64 // page_size
+    cache = KVCache.zeros(cfg, n_pages + 1, page_size)
+    table = jnp.asarray([np.random.default_rng(0).permutation(n_pages + 1)[:n_pages]], jnp.int32)
     n = len(prompt)
     step = jax.jit(forward, static_argnums=(0, 7))
     ids = jnp.asarray([prompt], jnp.int32)
-    logits, cache = step(model, params, ids, jnp.arange(n)[None], cache, None, jnp.zeros((1,), jnp.int32), 0)
+    logits, cache = step(model, params, ids, jnp.arange(n)[None], cache, table, jnp.zeros((1,), jnp.int32), 0)
     prefill = np.asarray(logits[0])
     outs = [np.asarray(logits[0, -1])]
     for i, tok in enumerate(tokens[:-1]):
@@ -55,7 +58,7 @@ def _our_logits(loaded, prompt, tokens):
             jnp.asarray([[tok]], jnp.int32),
             jnp.asarray([[pos]]),
             cache,
-            None,
+            table,
             jnp.asarray([pos], jnp.int32),
             64,
         )
@@ -72,10 +75,16 @@ def test_logits_and_greedy_match_transformers(tiny_models, arch):
     prefill, steps = _our_logits(loaded, PROMPT, hf_tokens)
     np.testing.assert_allclose(prefill, hf_prefill, atol=1e-4, rtol=0)
     np.testing.assert_allclose(steps, hf_steps, atol=1e-4, rtol=0)
+    # The same through small scrambled pages, crossing page boundaries in prefill and decode.
+    paged_prefill, paged_steps = _our_logits(loaded, PROMPT, hf_tokens, page_size=4)
+    np.testing.assert_allclose(paged_prefill, prefill, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(paged_steps, steps, atol=1e-4, rtol=0)
+    assert (paged_steps.argmax(-1) == steps.argmax(-1)).all()
 
-    llm = LLM(loaded=loaded, max_model_len=128)
-    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True), use_tqdm=False)
-    assert out[0].outputs[0].token_ids == hf_tokens
+    for page_size in (4, 16, 128):  # 128: one page per sequence, the contiguous layout
+        llm = LLM(loaded=loaded, max_model_len=128, page_size=page_size)
+        out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True), use_tqdm=False)
+        assert out[0].outputs[0].token_ids == hf_tokens, page_size
 
 
 @pytest.mark.slow

@@ -1,10 +1,10 @@
-"""Reference attention in plain `jax.numpy`: causal, grouped-query, optional sliding window.
+"""Reference attention in plain `jax.numpy`: causal, grouped-query, optional sliding window, paged context.
 
-A query block of new tokens attends to (a) the first `ctx_len` cached slots of its row, of which
-the first `ctx_lens[b]` are valid, and (b) the new tokens themselves, causally. The two parts
-share one softmax, merged through their common maximum, so nothing is concatenated. Keeping the
-new keys out of the cache read means the cache can be passed in read-only and written once, after
-all layers, with one scatter.
+A query block of new tokens attends to (a) its cached context, read from a pool of pages through a
+block table, of which the first `ctx_lens[b]` positions are valid, and (b) the new tokens themselves,
+causally. The two parts share one softmax, merged through their common maximum, so nothing is
+concatenated. Keeping the new keys out of the cache read means the cache can be passed in read-only
+and written once, after all layers, with one scatter.
 """
 
 from __future__ import annotations
@@ -14,8 +14,34 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
+def gather_pages(pages, block_tables):
+    """The context of each row laid out contiguously: [batch, n_pages * page_size, kv_heads, head_dim].
+
+    pages: [num_pages, page_size, kv_heads, head_dim]; block_tables: [batch, n_pages] int32 page ids
+    (out-of-range ids read page num_pages - 1; mask them through ctx_lens).
+    """
+    b, n = block_tables.shape
+    ctx = jnp.take(pages, block_tables, axis=0, mode="clip")  # [b, n, page, kvh, d]
+    return ctx.reshape(b, n * ctx.shape[2], *ctx.shape[3:])
+
+
+def paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window: int | None = None):
+    """Attention output [batch, seq, q_heads, head_dim] with the cached context read through block tables.
+
+    q: [batch, seq, q_heads, head_dim]; k_new, v_new: [batch, seq, kv_heads, head_dim];
+    k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim] (one layer's pool) or None for no
+    cached context; block_tables: [batch, n_pages] int32, the pages holding positions
+    [0, n_pages * page_size) of each row; ctx_lens: [batch] int32 valid cached positions per row (the
+    new tokens sit at positions ctx_lens[b] + t).
+    """
+    if k_pages is None:
+        return attention(q, k_new, v_new, None, None, ctx_lens, sliding_window)
+    k_ctx, v_ctx = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+    return attention(q, k_new, v_new, k_ctx, v_ctx, ctx_lens, sliding_window)
+
+
 def attention(q, k_new, v_new, k_ctx, v_ctx, ctx_lens, sliding_window: int | None = None):
-    """Attention output [batch, seq, q_heads, head_dim].
+    """Attention output [batch, seq, q_heads, head_dim] over a contiguous context.
 
     q: [batch, seq, q_heads, head_dim]; k_new, v_new: [batch, seq, kv_heads, head_dim] (the keys and
     values of the same new tokens); k_ctx, v_ctx: [batch, ctx_len, kv_heads, head_dim] cached context,
