@@ -5,7 +5,6 @@ llm = LLM("smollm2")
 print(llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))[0].outputs[0].text)
 """
 
-from jaxllm.api import LLM
 from jaxllm.errors import (
     ContextLengthError,
     InvalidRequestError,
@@ -35,3 +34,13 @@ __all__ = [
     "TokenizerError",
     "UnsupportedModelError",
 ]
+
+
+def __getattr__(name: str):
+    """`LLM` is imported on first use, so that `jaxllm.kernels` and friends load without the engine's
+    dependencies (loaders, tokenizers), e.g. on a bare GPU machine."""
+    if name == "LLM":
+        from jaxllm.api import LLM
+
+        return LLM
+    raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")

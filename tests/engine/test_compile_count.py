@@ -11,7 +11,7 @@ from jaxllm.engine import buckets
 @pytest.mark.slow
 def test_twenty_prompt_lengths_compile_at_most_the_buckets(tiny_models):
     folder, _ = tiny_models["llama"]
-    llm = LLM(str(folder), max_model_len=256, progress=False)
+    llm = LLM(str(folder), max_model_len=256, prefix_caching=False, progress=False)
     llm.engine.reserve(1, 256)
     lengths = [3 + 11 * i for i in range(20)]  # 3 .. 212
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -25,4 +25,23 @@ def test_twenty_prompt_lengths_compile_at_most_the_buckets(tiny_models):
     before = dict(llm.runner.compiles)
     for n in lengths:  # the same shapes again: nothing new compiles
         llm.generate([9] * n, params, use_tqdm=False)
+    assert dict(llm.runner.compiles) == before
+
+
+@pytest.mark.slow
+def test_prefix_hits_compile_at_most_one_variant_per_length_and_context_bucket(tiny_models):
+    folder, _ = tiny_models["llama"]
+    llm = LLM(str(folder), max_model_len=256, page_size=8, progress=False)
+    llm.engine.reserve(1, 256)
+    lengths = [3 + 11 * i for i in range(20)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for n in lengths:  # every prompt extends the previous one: each finds a cached prefix
+        llm.generate([7] * n, params, use_tqdm=False)
+    assert llm.engine.scheduler.pool.hits > 0
+    length_buckets = len(buckets.seq_buckets(256))
+    ctx_buckets = len({buckets.attn_bucket(n, 256) for n in range(1, 256)})
+    assert llm.runner.compiles["prefill"] <= length_buckets * (ctx_buckets + 1)
+    before = dict(llm.runner.compiles)
+    for n in lengths:
+        llm.generate([7] * n, params, use_tqdm=False)
     assert dict(llm.runner.compiles) == before

@@ -94,3 +94,20 @@ def test_config_reflects_architecture_features(tiny_models):
     assert cfgs["mistral"].sliding_window == 8
     assert cfgs["qwen2"].attention_bias and cfgs["qwen2"].tie_word_embeddings
     assert cfgs["qwen3"].qk_norm and cfgs["qwen3"].head_dim == 32
+
+
+@pytest.mark.slow
+def test_the_model_through_the_pallas_kernels_equals_the_reference(tiny_models, monkeypatch):
+    """The Pallas kernels (interpreted) inside the model: prefill and decode over scrambled pages."""
+    loaded = load_model(tiny_models["mistral"][0], progress=False)  # GQA and a sliding window of 8
+    prompt, tokens = PROMPT, [5, 9, 11, 200]
+    ref_prefill, ref_steps = _our_logits(loaded, prompt, tokens, page_size=4)
+    monkeypatch.setenv("JAXLLM_ATTENTION", "pallas-interpret")
+    jax.clear_caches()  # the choice is made at trace time
+    try:
+        prefill, steps = _our_logits(loaded, prompt, tokens, page_size=4)
+    finally:
+        monkeypatch.delenv("JAXLLM_ATTENTION")
+        jax.clear_caches()
+    np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(steps, ref_steps, atol=1e-4, rtol=0)

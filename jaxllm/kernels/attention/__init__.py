@@ -2,9 +2,54 @@
 
 from __future__ import annotations
 
+import os
+
+import jax
+
 from jaxllm.kernels.attention import reference
+from jaxllm.kernels.attention.flash_prefill import flash_prefill_attention
+from jaxllm.kernels.attention.paged_decode import paged_decode_attention
+
+IMPLS = ("reference", "pallas", "pallas-interpret")
 
 
-def paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window: int | None = None):
-    """Attention output [batch, seq, q_heads, head_dim]; arguments as in `reference.paged_attention`."""
-    return reference.paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window)
+def default_impl() -> str:
+    """$JAXLLM_ATTENTION when set (one of IMPLS), else 'pallas' on GPU and 'reference' elsewhere (Pallas
+    runs on the CPU only in interpret mode: 'pallas-interpret', for tests)."""
+    impl = os.environ.get("JAXLLM_ATTENTION") or ("pallas" if jax.default_backend() == "gpu" else "reference")
+    if impl not in IMPLS:
+        raise ValueError(f"JAXLLM_ATTENTION={impl!r} is not one of {', '.join(IMPLS)}")
+    return impl
+
+
+def paged_attention(
+    q,
+    k_new,
+    v_new,
+    k_pages,
+    v_pages,
+    block_tables,
+    ctx_lens,
+    sliding_window: int | None = None,
+    impl: str | None = None,
+    *,
+    interpret: bool = False,
+):
+    """Attention output [batch, seq, q_heads, head_dim]; arguments as in `reference.paged_attention`.
+
+    q: [batch, seq, q_heads, head_dim]; k_new, v_new: [batch, seq, kv_heads, head_dim];
+    k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim] or None; block_tables: [batch, n_pages]
+    int32; ctx_lens: [batch] int32. impl: one of IMPLS (None: `default_impl()`); 'pallas' runs the
+    paged decode kernel when seq == 1 and the flash prefill kernel otherwise. interpret: run the Pallas
+    kernels in the interpreter (the only way on the CPU; 'pallas-interpret' implies it).
+    """
+    impl = impl or default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}: use one of {', '.join(IMPLS)}")
+    if impl == "reference":
+        return reference.paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window)
+    interpret = interpret or impl == "pallas-interpret"
+    kernel = paged_decode_attention if q.shape[1] == 1 else flash_prefill_attention
+    return kernel(
+        q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window or None, interpret=interpret
+    )
