@@ -52,6 +52,15 @@ class PagePool:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
+    def cached_prefix(self, hashes: list[int], max_pages: int) -> int:
+        """How many leading pages of `hashes` (at most max_pages) are cached; takes nothing."""
+        if not self.prefix_caching:
+            return 0
+        n = 0
+        while n < min(len(hashes), max_pages) and hashes[n] in self._by_hash:
+            n += 1
+        return n
+
     def match_prefix(self, hashes: list[int], max_pages: int) -> list[int]:
         """Take a reference on the cached pages of the longest prefix among `hashes` (at most max_pages)."""
         if not self.prefix_caching:

@@ -161,7 +161,11 @@ class Scheduler:
         tokens = s.token_ids()
         s.prefill_len = len(tokens)
         s.hashes = page_hashes(tokens, self.pool.page_size) if self.pool.prefix_caching else []
-        s.pages = self.pool.match_prefix(s.hashes, (len(tokens) - 1) // self.pool.page_size)
+        usable = (len(tokens) - 1) // self.pool.page_size  # the last token is always computed
+        cached = self.pool.cached_prefix(s.hashes, usable)
+        if cached < min(usable, len(s.hashes)) and s.hashes[cached] in self._pending_hashes():
+            return None  # a running sequence is computing the next pages of this prefix: wait for them
+        s.pages = self.pool.match_prefix(s.hashes, usable)
         s.num_computed = len(s.pages) * self.pool.page_size
         chunk = self._chunk(s, budget, preempt=False)
         if chunk is None:
@@ -230,13 +234,19 @@ class Scheduler:
         written = s.num_tokens - 1 if s.prefilled else s.num_computed
         self._register(s, written)
         self.pool.free(s.pages)
-        s.pages = []
+        s.pages, s.registered = [], 0
         if s in self._to_register:
             self._to_register.remove(s)
 
     def _register(self, s: Sequence, written: int) -> None:
+        """Make s's full pages among its first `written` positions findable by prefix hash."""
         if self.pool.prefix_caching and s.pages:
-            s.hashes = page_hashes(
-                s.token_ids()[:written], self.pool.page_size, s.hashes[: written // self.pool.page_size]
-            )
-            self.pool.register(s.pages, s.hashes)
+            n = written // self.pool.page_size
+            if len(s.hashes) < n:
+                s.hashes = page_hashes(s.token_ids()[:written], self.pool.page_size, s.hashes)
+            self.pool.register(s.pages[:n], s.hashes[:n])
+            s.registered = max(s.registered, n)
+
+    def _pending_hashes(self) -> set[int]:
+        """Prefix hashes of pages that running sequences will have written soon but are not findable yet."""
+        return {h for s in self.running.values() for h in s.hashes[s.registered :]}

@@ -209,17 +209,21 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
     assert [(c.start, c.end) for c in plan.prefills] == [(4, 8)]  # page 2 holds the last token: recomputed
 
 
-def test_pages_are_findable_only_after_the_step_that_writes_them():
+def test_a_prefix_being_computed_is_waited_for_not_recomputed():
     sched = make_sched(max_seqs=3, token_budget=100, pages=20, page_size=4)
-    a, b = seq("a", 9), seq("b", 9)
+    a, b, other = seq("a", 9), seq("b", 9), seq("other", 9)
+    other.prompt_ids = [99] * 9
     sched.add([a])
     sched.add([b])
-    plan = sched.schedule()  # both admitted in one step: b must not read a's unwritten pages
-    assert [(c.start, c.end) for c in plan.prefills] == [(0, 9), (0, 9)]
-    c = seq("c", 9)
-    sched.add([c])
     plan = sched.schedule()
-    assert [(ch.start, ch.end) for ch in plan.prefills if ch.seq is c] == [(8, 9)]
+    # b shares a's pages, which this step is still writing: it waits instead of computing them again
+    # (or reading them before they are written); FCFS keeps `other` behind it.
+    assert [(c.seq, c.start, c.end) for c in plan.prefills] == [(a, 0, 9)] and list(sched.waiting) == [b]
+    sched.add([other])
+    feed(sched, plan)
+    plan = sched.schedule()
+    assert [(c.seq, c.start, c.end) for c in plan.prefills] == [(b, 8, 9), (other, 0, 9)]
+    assert b.pages[:2] == a.pages[:2]
 
 
 def test_prefix_caching_off_prefills_everything():
