@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup setup-dev serve run test test-fast lint fmt bench bench-serving clean
+.PHONY: setup setup-dev serve run test test-fast lint fmt bench bench-serving bench-kv gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,12 @@ bench: setup-dev
 
 bench-serving: setup-dev
 	$(BIN)/python scripts/bench_serving.py $(ARGS)
+
+bench-kv: setup
+	$(BIN)/python scripts/bench_kv.py $(ARGS)
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .stamp-setup .stamp-dev

@@ -75,6 +75,7 @@ class AsyncEngine:
         """Size the cache for serving and start the engine thread."""
         e = self.engine
         e.reserve(e.max_num_seqs, e.max_model_len)
+        self._update_stats()
         self._thread = threading.Thread(target=self._run, name="jaxllm-engine", daemon=True)
         self._thread.start()
         self.accepting = True

@@ -235,3 +235,7 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert value("jaxllm_inter_token_latency_seconds_count") >= 3
     for gauge in ("jaxllm_queue_depth", "jaxllm_running_sequences", "jaxllm_kv_cache_usage_ratio"):
         assert value(gauge) >= 0
+    # Idle after the requests: no page held, the pool all free, the prompt pages kept for reuse.
+    assert value("jaxllm_kv_cache_pages_used") == 0 and value("jaxllm_kv_cache_pages_free") > 0
+    assert value("jaxllm_kv_cache_pages_cached") > 0 and value("jaxllm_kv_cache_page_size_tokens") == 16
+    assert value("jaxllm_prefix_cache_queries") > 0 and value("jaxllm_preemptions") == 0

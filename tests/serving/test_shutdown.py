@@ -35,6 +35,11 @@ def test_sigterm_finishes_running_requests_then_exits(tmp_path):
             "--no-warmup",
             "--shutdown-timeout",
             "60",
+            "--page-size",
+            "32",
+            "--kv-cache-memory",
+            "0.05",
+            "--no-prefix-caching",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -48,6 +53,10 @@ def test_sigterm_finishes_running_requests_then_exits(tmp_path):
                     break
             except httpx.TransportError:
                 time.sleep(0.3)
+        metrics = httpx.get(url + "/metrics").text
+        assert "jaxllm_kv_cache_page_size_tokens 32.0" in metrics
+        # The pool takes what 2 sequences of 512 tokens need (32 pages), within the 0.05 GiB budget (36).
+        assert 0.05 * 2**30 // (46080 * 32) == 36 and "jaxllm_kv_cache_pages_free 32.0" in metrics
         body = {
             "model": "smollm2",
             "messages": [{"role": "user", "content": "Hi"}],
@@ -75,3 +84,16 @@ def test_sigterm_finishes_running_requests_then_exits(tmp_path):
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+@pytest.mark.slow
+def test_a_kv_budget_below_one_sequence_is_refused_in_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxllm", "serve", "--max-model-len", "2048", "--kv-cache-memory", "0.01"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "raise kv_cache_memory or lower max_model_len" in proc.stderr.strip().splitlines()[-1]
