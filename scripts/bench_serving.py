@@ -70,25 +70,29 @@ async def one_request(client, url, prompt, tokens) -> dict:
     return {"ttft": first - start, "itl": (last - first) / max(n - 1, 1), "tokens": n, "end": last}
 
 
-async def closed_loop(url, clients: int, rounds: int, prompt_len: int, tokens: int) -> dict:
+async def closed_loop(url, clients: int, rounds: int, prompt_len: int, tokens: int, base: int = 0) -> dict:
+    """`clients` workers, each sending `rounds` requests one after the other; prompts seeded from `base`
+    (give each workload its own base: a prompt seen before would be served from the prefix cache)."""
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
 
         async def worker(w):
-            return [await one_request(client, url, _prompt(w * 1000 + r, prompt_len), tokens) for r in range(rounds)]
+            return [
+                await one_request(client, url, _prompt(base + w * 1000 + r, prompt_len), tokens) for r in range(rounds)
+            ]
 
         results = [x for xs in await asyncio.gather(*(worker(w) for w in range(clients))) for x in xs]
         wall = time.perf_counter() - start
     return summarize(results, wall)
 
 
-async def poisson(url, rate: float, count: int, prompt_len: int, tokens: int) -> dict:
+async def poisson(url, rate: float, count: int, prompt_len: int, tokens: int, base: int = 0) -> dict:
     rng = random.Random(0)
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
         tasks = []
         for i in range(count):
-            tasks.append(asyncio.create_task(one_request(client, url, _prompt(5000 + i, prompt_len), tokens)))
+            tasks.append(asyncio.create_task(one_request(client, url, _prompt(base + i, prompt_len), tokens)))
             await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
@@ -157,7 +161,9 @@ async def warm(url, prompt_len, tokens):
     """Touch every batch-size bucket once so that compilation stays out of the measurements."""
     async with httpx.AsyncClient(timeout=600) as client:
         for n in (1, 2, 4, 8, 16, 32):
-            await asyncio.gather(*(one_request(client, url, _prompt(9000 + i, prompt_len), tokens) for i in range(n)))
+            await asyncio.gather(
+                *(one_request(client, url, _prompt(9000 + 100 * n + i, prompt_len), tokens) for i in range(n))
+            )
         await asyncio.gather(*(one_request(client, url, _prompt(9100 + i, 256), 8) for i in range(8)))
 
 
@@ -212,14 +218,20 @@ def main(argv=None) -> int:
         for clients in (1, 8, 32):
             rounds = args.rounds * (2 if clients == 1 else 1)
             runs[f"closed loop, {clients} client{'s' if clients > 1 else ''}"] = asyncio.run(
-                closed_loop(url, clients, rounds, args.prompt_len, args.tokens)
+                closed_loop(url, clients, rounds, args.prompt_len, args.tokens, base=clients * 10**6)
             )
-        runs["one batch of 32, all at once"] = asyncio.run(closed_loop(url, 32, 1, args.prompt_len, args.tokens))
-        runs[f"Poisson arrivals, {args.rate}/s"] = asyncio.run(
-            poisson(url, args.rate, 32, args.prompt_len, args.tokens)
+        runs["one batch of 32, all at once"] = asyncio.run(
+            closed_loop(url, 32, 1, args.prompt_len, args.tokens, base=10**8)
         )
-        runs["8 clients, 256-token prompts, 1 burst"] = asyncio.run(closed_loop(url, 8, 1, 256, args.tokens))
-        runs["8 clients, 256-token prompts, closed loop x3"] = asyncio.run(closed_loop(url, 8, 3, 256, args.tokens))
+        runs[f"Poisson arrivals, {args.rate}/s"] = asyncio.run(
+            poisson(url, args.rate, 32, args.prompt_len, args.tokens, base=2 * 10**8)
+        )
+        runs["8 clients, 256-token prompts, 1 burst"] = asyncio.run(
+            closed_loop(url, 8, 1, 256, args.tokens, base=3 * 10**8)
+        )
+        runs["8 clients, 256-token prompts, closed loop x3"] = asyncio.run(
+            closed_loop(url, 8, 3, 256, args.tokens, base=4 * 10**8)
+        )
     finally:
         if proc is not None:
             proc.terminate()
