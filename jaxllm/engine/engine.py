@@ -185,12 +185,18 @@ class Engine:
         slots = np.full((rows,), self.runner.slots, np.int32)  # padding rows write nowhere
         prompt_lens = np.zeros((rows,), np.int32)
         out_steps = np.zeros((rows,), np.int32)
+        fresh = np.ones((rows,), bool)
+        last = np.zeros((rows,), bool)
+        prior = np.full((rows, ctx), self.cfg.vocab_size, np.int32)
         bias = np.zeros((rows, self.cfg.vocab_size), np.float32)
         for i, c in enumerate(chunks):
             s = c.seq
             tokens[i, : c.end - c.start] = s.token_ids()[c.start : c.end]
             starts[i], lengths[i], slots[i] = c.start, c.end - c.start, s.slot
             prompt_lens[i], out_steps[i] = len(s.prompt_ids), s.prefill_len - len(s.prompt_ids)
+            fresh[i], last[i] = c.first, c.last
+            if c.first:
+                prior[i, : c.start] = s.token_ids()[: c.start]
             for tok, b in s.params.logit_bias.items():
                 bias[i, tok] = b
         self.prefilled_tokens += sum(c.end - c.start for c in chunks)
@@ -198,7 +204,19 @@ class Engine:
         seeds = [c.seq.seed for c in chunks]
         table = self._block_tables([c.seq for c in chunks], rows, max(ctx, max(c.start for c in chunks)) + length)
         batch = PrefillBatch(
-            tokens, starts, lengths, slots, prompt_lens, out_steps, table, row_params(plist, seeds, rows), bias, ctx
+            tokens,
+            starts,
+            lengths,
+            slots,
+            prompt_lens,
+            out_steps,
+            fresh,
+            last,
+            prior,
+            table,
+            row_params(plist, seeds, rows),
+            bias,
+            ctx,
         )
         first, info = self.runner.prefill(batch, flags_for(plist))
         return first, info, {i: c.seq for i, c in enumerate(chunks) if c.last}

@@ -11,15 +11,23 @@ least recently freed first.
 from __future__ import annotations
 
 import collections
+import hashlib
 from collections.abc import Sequence as Seq
 
+import numpy as np
 
-def page_hashes(tokens: Seq[int], page_size: int, known: list[int] | None = None) -> list[int]:
-    """Chained hashes of the full pages of `tokens`; `known` (a prefix of the result) is extended, not redone."""
+
+def page_hashes(tokens: Seq[int], page_size: int, known: list[bytes] | None = None) -> list[bytes]:
+    """Chained digests of the full pages of `tokens`; `known` (a prefix of the result) is extended, not redone.
+
+    A page's digest covers its tokens and the digest of the page before it (so, everything before it).
+    BLAKE2b, not Python's `hash`: a crafted colliding prompt must not read another request's pages.
+    """
     out = list(known or [])
-    for i in range(len(out), len(tokens) // page_size):
-        prev = out[-1] if out else None
-        out.append(hash((prev, tuple(tokens[i * page_size : (i + 1) * page_size]))))
+    ids = np.asarray(tokens[len(out) * page_size : len(tokens) // page_size * page_size], np.int64)
+    for page in ids.reshape(-1, page_size):
+        prev = out[-1] if out else b""
+        out.append(hashlib.blake2b(prev + page.tobytes(), digest_size=16).digest())
     return out
 
 
@@ -29,8 +37,8 @@ class PagePool:
     def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True):
         self.num_pages, self.page_size, self.prefix_caching = num_pages, page_size, prefix_caching
         self.refs = [0] * num_pages
-        self._hash_of: list[int | None] = [None] * num_pages
-        self._by_hash: dict[int, int] = {}
+        self._hash_of: list[bytes | None] = [None] * num_pages
+        self._by_hash: dict[bytes, int] = {}
         self._free = collections.deque(range(num_pages))  # no hash: taken first
         self._cached_free: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU order
         self.hits = self.queries = 0  # prefix-cache pages found / looked for
@@ -52,7 +60,7 @@ class PagePool:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
-    def cached_prefix(self, hashes: list[int], max_pages: int) -> int:
+    def cached_prefix(self, hashes: list[bytes], max_pages: int) -> int:
         """How many leading pages of `hashes` (at most max_pages) are cached; takes nothing."""
         if not self.prefix_caching:
             return 0
@@ -61,7 +69,7 @@ class PagePool:
             n += 1
         return n
 
-    def match_prefix(self, hashes: list[int], max_pages: int) -> list[int]:
+    def match_prefix(self, hashes: list[bytes], max_pages: int) -> list[int]:
         """Take a reference on the cached pages of the longest prefix among `hashes` (at most max_pages)."""
         if not self.prefix_caching:
             return []
@@ -71,11 +79,14 @@ class PagePool:
             if page is None:
                 break
             pages.append(page)
-        self.queries += min(len(hashes), max_pages)
-        self.hits += len(pages)
         for page in pages:
             self._take(page)
         return pages
+
+    def record_lookup(self, pages: int, hits: int) -> None:
+        """Count a prompt's prefix lookup (pages looked for, pages found) for the hit-rate metrics."""
+        self.queries += pages
+        self.hits += hits
 
     def allocate(self, n: int) -> list[int] | None:
         """n fresh pages, evicting least recently freed cached pages if needed; None when fewer are free."""
@@ -93,7 +104,7 @@ class PagePool:
             out.append(page)
         return out
 
-    def register(self, pages: list[int], hashes: list[int]) -> None:
+    def register(self, pages: list[int], hashes: list[bytes]) -> None:
         """Make full pages findable by their prefix hashes (pages[i] holds the tokens hashed by hashes[i])."""
         if not self.prefix_caching:
             return

@@ -50,8 +50,10 @@ class PrefillBatch:
     """Host-side inputs of one prefill: tokens [rows, T] padded; starts (tokens already cached), lengths
     (tokens in this chunk), slots (decode-state rows), prompt_lens (prompt part of each row's tokens: the
     rest are earlier outputs being recomputed) and out_steps (outputs generated before) [rows];
-    block_tables [rows, n_pages]; row params; bias [rows, V]; ctx_len: static cached prefix bucket the
-    chunk attends to (0 for a sequence's first chunk)."""
+    fresh [rows]: the row's first chunk since admission (its penalty state starts afresh, from `prior`,
+    the tokens [0, start) found in the prefix cache, [rows, ctx_len], `vocab` past them); last [rows]:
+    the row's last chunk (its sampled token counts); block_tables [rows, n_pages]; row params; bias
+    [rows, V]; ctx_len: static cached prefix bucket the chunk attends to (0 when nothing is cached)."""
 
     tokens: np.ndarray
     starts: np.ndarray
@@ -59,6 +61,9 @@ class PrefillBatch:
     slots: np.ndarray
     prompt_lens: np.ndarray
     out_steps: np.ndarray
+    fresh: np.ndarray
+    last: np.ndarray
+    prior: np.ndarray
     block_tables: np.ndarray
     params: RowParams
     bias: np.ndarray
@@ -135,6 +140,9 @@ class ModelRunner:
             jnp.asarray(batch.slots),
             jnp.asarray(batch.prompt_lens),
             jnp.asarray(batch.out_steps),
+            jnp.asarray(batch.fresh),
+            jnp.asarray(batch.last),
+            jnp.asarray(batch.prior),
             jnp.asarray(batch.block_tables),
             batch.params,
             jnp.asarray(batch.bias),
@@ -183,6 +191,9 @@ class ModelRunner:
         slots,
         prompt_lens,
         out_steps,
+        fresh,
+        last,
+        prior,
         block_tables,
         rp,
         bias,
@@ -204,17 +215,20 @@ class ModelRunner:
         in_output = valid & ~in_prompt
         row_ix = jnp.arange(rows)[:, None]
         # The prompt mask and output counts of a chunked sequence accumulate over its chunks; its first
-        # chunk starts them afresh.
+        # chunk starts them afresh from the tokens it found in the prefix cache.
         prev = jnp.minimum(slots, self.slots - 1)
-        later = (starts > 0)[:, None]
-        prompt_mask = jnp.where(later, state.prompt_mask[prev], False)
+        carried = ~fresh[:, None]
+        prior_in_prompt = jnp.arange(prior.shape[1])[None] < prompt_lens[:, None]
+        prompt_mask = jnp.where(carried, state.prompt_mask[prev], False)
+        prompt_mask = prompt_mask.at[row_ix, jnp.where(prior_in_prompt, prior, vocab)].set(True, mode="drop")
         prompt_mask = prompt_mask.at[row_ix, jnp.where(in_prompt, tokens, vocab)].set(True, mode="drop")
-        counts = jnp.where(later, state.counts[prev], 0)
+        counts = jnp.where(carried, state.counts[prev], 0)
+        counts = counts.at[row_ix, jnp.where(prior_in_prompt, vocab, prior)].add(1, mode="drop")
         counts = counts.at[row_ix, jnp.where(in_output, tokens, vocab)].add(1, mode="drop")
         first, info = sample(
             logits, rp, out_steps, flags, prompt_mask=prompt_mask, counts=counts, bias=bias, stop_mask=stop_mask
         )
-        counts = counts.at[jnp.arange(rows), first].add(1)
+        counts = counts.at[jnp.arange(rows), first].add(last.astype(jnp.int32))  # earlier chunks sample nothing
         put = lambda dst, src: dst.at[slots].set(src, mode="drop")
         state = DecodeState(
             put(state.tokens, first),

@@ -25,11 +25,13 @@ from jaxllm.errors import QueueFullError
 
 @dataclasses.dataclass
 class PrefillChunk:
-    """Tokens [start, end) of `seq` to write into its pages; the last chunk samples a token."""
+    """Tokens [start, end) of `seq` to write into its pages; the last chunk samples a token. `first`: the
+    first chunk since the sequence was admitted (tokens before `start` came from the prefix cache)."""
 
     seq: Sequence
     start: int
     end: int
+    first: bool = False
 
     @property
     def last(self) -> bool:
@@ -83,6 +85,9 @@ class Scheduler:
     def add(self, seqs: list[Sequence]) -> None:
         """Queue the sequences of one request, or refuse them all when the waiting queue is full."""
         if self.max_waiting is not None and len(self.waiting) + len(seqs) > self.max_waiting:
+            # Preempted sequences finished by their late results still wait for their turn to leave.
+            self.waiting = collections.deque(s for s in self.waiting if not s.finished)
+        if self.max_waiting is not None and len(self.waiting) + len(seqs) > self.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} sequences): retry later")
         self.waiting.extend(seqs)
 
@@ -124,8 +129,10 @@ class Scheduler:
         steps = 1 if busy else self.decode_steps
         decodes = []
         for s in self._by_age(lambda s: s.prefilled and not s.finished and s.wants_more()):
-            # This step writes positions up to num_tokens + inflight + steps - 2.
-            if s.slot is not None and self._grow(s, s.num_tokens + s.inflight + steps - 1):
+            # This step writes positions up to num_tokens + inflight + steps - 2, of which those past
+            # the sequence's last token are never read: no pages for them (their writes are dropped).
+            useful = min(s.inflight + steps, s.remaining())
+            if s.slot is not None and self._grow(s, s.num_tokens + useful - 1):
                 decodes.append(s)
         budget = self.token_budget - len(decodes)
         prefills = []
@@ -172,6 +179,8 @@ class Scheduler:
             self.pool.free(s.pages)
             s.pages, s.num_computed = [], 0
             return None
+        chunk.first = True
+        self.pool.record_lookup(min(usable, len(s.hashes)), chunk.start // self.pool.page_size)
         if not s.preemptions:
             s.cached_tokens = chunk.start
         self.waiting.popleft()
@@ -247,6 +256,6 @@ class Scheduler:
             self.pool.register(s.pages[:n], s.hashes[:n])
             s.registered = max(s.registered, n)
 
-    def _pending_hashes(self) -> set[int]:
+    def _pending_hashes(self) -> set[bytes]:
         """Prefix hashes of pages that running sequences will have written soon but are not findable yet."""
         return {h for s in self.running.values() for h in s.hashes[s.registered :]}

@@ -56,7 +56,7 @@ class Sequence:
         self.prefill_len = len(prompt_ids)  # tokens to prefill: the prompt, plus earlier outputs after preemption
         self.inflight = 0  # tokens dispatched to the device whose results are not read yet
         self.pages: list[int] = []  # KV cache pages holding positions [i * page_size, (i + 1) * page_size)
-        self.hashes: list[int] = []  # prefix hashes of the full pages of its tokens (as far as computed)
+        self.hashes: list[bytes] = []  # prefix hashes of the full pages of its tokens (as far as computed)
         self.registered = 0  # leading pages made findable by prefix hash
         self.cached_tokens = 0  # prompt tokens found in the prefix cache on admission
         self.preemptions = 0

@@ -118,3 +118,29 @@ def test_eviction_under_pressure_keeps_outputs_correct(smollm2):
             assert llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids == want
     pool = llm.engine.scheduler.pool
     assert 0 < pool.hits < pool.queries  # some prefixes found, some evicted
+
+
+def test_penalties_are_the_same_after_prefix_reuse_chunking_and_preemption(smollm2):
+    """Repetition/presence/frequency penalties see exactly the prompt and the outputs, however the
+    prompt reached the cache: found by prefix, prefilled in chunks, or recomputed after preemption."""
+    first, second = _chat(smollm2, "Do you deliver?"), _chat(smollm2, "What do you accept as payment?")
+    params = SamplingParams(
+        temperature=0, max_tokens=48, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.4
+    )
+    cold = _llm(smollm2, prefix_caching=False)
+    want = [cold.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in (first, second)]
+
+    warm = _llm(smollm2)  # the second request finds the system prompt, in the slot the first one used
+    got = [warm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in (first, second)]
+    assert warm.engine.scheduler.pool.hits > 0 and got == want
+
+    chunked = _llm(smollm2, prefix_caching=False, token_budget=64)
+    assert chunked.generate(second, params, use_tqdm=False)[0].outputs[0].token_ids == want[1]
+
+    page_bytes = bytes_per_token(smollm2.config, jnp.float32) * 16
+    # 20 pages = one sequence of max_model_len 320; the three share ~13 pages of system prompt and need
+    # ~5 more each.
+    tight = _llm(smollm2, max_model_len=320, page_size=16, kv_cache_memory=20.5 * page_bytes / 2**30)
+    out = tight.generate([first, second, first], params, use_tqdm=False)
+    assert tight.engine.scheduler.preemptions > 0
+    assert [o.outputs[0].token_ids for o in out] == [want[0], want[1], want[0]]

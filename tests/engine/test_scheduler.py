@@ -246,3 +246,14 @@ def test_admission_waits_for_pages_instead_of_preempting():
     feed(sched, plan)
     run_until_done(sched)
     assert a.finish_reason == b.finish_reason == "length" and a.preemptions == b.preemptions == 0
+
+
+@pytest.mark.parametrize("prompt_len", [90, 93, 94, 97, 98, 101])
+def test_a_pool_that_exactly_fits_never_preempts_near_the_end(prompt_len):
+    # 8 pages of 16 = 128 positions = prompt + max_tokens: the last multi-step decodes must not ask for
+    # pages past the sequence's last token.
+    sched = make_sched(max_seqs=1, token_budget=256, pages=8, page_size=16, decode_steps=4)
+    s = seq("a", prompt_len, max_tokens=128 - prompt_len)
+    sched.add([s])
+    run_until_done(sched)
+    assert len(s.output_ids) == 128 - prompt_len and sched.preemptions == 0
