@@ -193,6 +193,8 @@ class AsyncEngine:
         for rid, req in list(self._requests.items()):
             self.engine.abort(rid)
             req.loop.call_soon_threadsafe(req.queue.put_nowait, error)
+        # Pages registered for chunks whose dispatch failed may never have been written.
+        self.engine.scheduler.pool.forget_cached()
 
     def _update_stats(self) -> None:
         sched = self.engine.scheduler

@@ -125,6 +125,13 @@ class PagePool:
                 else:
                     self._cached_free[page] = None
 
+    def forget_cached(self) -> None:
+        """Drop every prefix digest (after a failed step, when cached contents can no longer be trusted)."""
+        self._by_hash.clear()
+        self._hash_of = [None] * self.num_pages
+        self._free.extend(self._cached_free)
+        self._cached_free.clear()
+
     def _take(self, page: int) -> None:
         if self.refs[page] == 0:
             del self._cached_free[page]

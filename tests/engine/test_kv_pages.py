@@ -75,3 +75,15 @@ def test_a_hash_already_cached_is_not_registered_twice():
     pool.register(b, h)
     pool.free(b)
     assert pool.num_cached == 1 and pool.match_prefix(h, 1) == a
+
+
+def test_forget_cached_makes_every_page_plain_free():
+    pool = PagePool(4, 2)
+    a = pool.allocate(2)
+    pool.register(a, page_hashes([1, 2, 3, 4], 2))
+    held = pool.match_prefix(page_hashes([1, 2], 2), 1)
+    pool.free(a)
+    pool.forget_cached()
+    assert pool.num_cached == 0 and pool.match_prefix(page_hashes([1, 2, 3, 4], 2), 2) == []
+    pool.free(held)
+    assert pool.num_free == 4 and len(set(pool.allocate(4))) == 4
