@@ -53,7 +53,8 @@ def worker_jaxllm(args) -> dict:
     from jaxllm import LLM, SamplingParams
 
     t = time.perf_counter()
-    llm = LLM(args.model, progress=False)
+    # The same prompts run again and again here: with prefix caching they would skip their prefill.
+    llm = LLM(args.model, progress=False, prefix_caching=False)
     load_s = time.perf_counter() - t
     prompts = [
         llm.tokenizer.encode(llm.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
