@@ -243,3 +243,14 @@ def test_gpu_float32(seq):
     out = attention.paged_attention(*case, None, impl="pallas")
     with jax.default_matmul_precision("highest"):
         assert_matches(out, case, None, dict(atol=1e-4, rtol=1e-4))
+
+
+def test_shapes_the_gpu_kernels_cannot_take_fall_back_to_the_reference(monkeypatch):
+    monkeypatch.delenv("JAXLLM_ATTENTION", raising=False)
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    assert attention.default_impl() == "pallas"
+    case = make_case(12, [3, 9], 1, 4, 2, 80, 4)  # head_dim 80: not a power of two
+    out = attention.paged_attention(*case, None)
+    assert_matches(out, case, None, F32_TOL)
+    with pytest.raises(ValueError, match="power of two"):
+        attention.paged_attention(*case, None, impl="pallas")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import jax
@@ -10,6 +12,7 @@ from jaxllm.kernels.attention import reference
 from jaxllm.kernels.attention.flash_prefill import flash_prefill_attention
 from jaxllm.kernels.attention.paged_decode import paged_decode_attention
 
+log = logging.getLogger(__name__)
 IMPLS = ("reference", "pallas", "pallas-interpret")
 
 
@@ -43,6 +46,7 @@ def paged_attention(
     paged decode kernel when seq == 1 and the flash prefill kernel otherwise. interpret: run the Pallas
     kernels in the interpreter (the only way on the CPU; 'pallas-interpret' implies it).
     """
+    chosen = impl or os.environ.get("JAXLLM_ATTENTION")  # asked for by name: no fallback
     impl = impl or default_impl()
     if impl not in IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}: use one of {', '.join(IMPLS)}")
@@ -50,6 +54,17 @@ def paged_attention(
         return reference.paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window)
     interpret = interpret or impl == "pallas-interpret"
     kernel = paged_decode_attention if q.shape[1] == 1 else flash_prefill_attention
-    return kernel(
-        q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window or None, interpret=interpret
-    )
+    try:
+        return kernel(
+            q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window or None, interpret=interpret
+        )
+    except ValueError as e:  # shapes the Triton lowering cannot take (raised while tracing, before any work)
+        if chosen:
+            raise
+        _warn_fallback(str(e))
+        return reference.paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window)
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    log.warning("attention: the Pallas kernel cannot take these shapes (%s); using the reference", reason)
