@@ -34,6 +34,7 @@ class StreamOutput:
     logprobs: list[TokenLogprob]
     finish_reason: str | None
     stop_reason: str | int | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (counted once per prompt: index 0)
 
 
 @dataclasses.dataclass
@@ -186,6 +187,7 @@ class AsyncEngine:
                 u.logprobs,
                 s.finish_reason if u.finished else None,
                 s.stop_reason if u.finished else None,
+                s.cached_tokens if s.index == 0 else 0,
             )
             req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
 

@@ -239,3 +239,20 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert value("jaxllm_kv_cache_pages_used") == 0 and value("jaxllm_kv_cache_pages_free") > 0
     assert value("jaxllm_kv_cache_pages_cached") > 0 and value("jaxllm_kv_cache_page_size_tokens") == 16
     assert value("jaxllm_prefix_cache_queries") > 0 and value("jaxllm_preemptions") == 0
+
+
+def test_usage_reports_prompt_tokens_found_in_the_prefix_cache(client):
+    system = {"role": "system", "content": "You answer in one short sentence about geography. " * 8}
+    first = [system, {"role": "user", "content": "Where is Lima?"}]
+    second = [system, {"role": "user", "content": "Where is Oslo?"}]
+    cold = client.chat.completions.create(model="smollm2", messages=first, max_tokens=4, temperature=0)
+    warm = client.chat.completions.create(model="smollm2", messages=second, max_tokens=4, temperature=0)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    cached = warm.usage.prompt_tokens_details.cached_tokens
+    assert 64 <= cached < warm.usage.prompt_tokens and cached % 16 == 0
+    chunks = list(
+        client.completions.create(
+            model="smollm2", prompt="Where is Lima?", max_tokens=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0  # 5 tokens: less than one page

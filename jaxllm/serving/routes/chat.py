@@ -50,7 +50,9 @@ async def chat_completions(request: Request):
     outs = [first] if first is not None else []
     async for out in rest:
         outs.append(out)
+    cached = 0
     for out in outs:
+        cached = max(cached, out.cached_tokens)
         texts[out.index] += out.text
         tokens[out.index] += len(out.token_ids)
         lps[out.index] += out.logprobs
@@ -65,13 +67,13 @@ async def chat_completions(request: Request):
         for i in range(params.n)
     ]
     state.metrics.requests.labels("200").inc()
-    body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), sum(tokens))}
+    body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), sum(tokens), cached)}
     return JSONResponse(body)
 
 
 async def _events(state, base, first, rest, prompt_len, n, include_usage, logprobs):
     chunk = {**base, "object": "chat.completion.chunk"}
-    completion = 0
+    completion = cached = 0
     started = set()
 
     async def all_outputs():
@@ -92,6 +94,7 @@ async def _events(state, base, first, rest, prompt_len, n, include_usage, logpro
                     }
                 )
             completion += len(out.token_ids)
+            cached = max(cached, out.cached_tokens)
             if out.text or out.finish_reason or (logprobs and out.logprobs):
                 lp = {"content": _logprobs(state.llm.tokenizer, out.logprobs)} if logprobs else None
                 delta = {"content": out.text} if out.text else {}
@@ -104,7 +107,7 @@ async def _events(state, base, first, rest, prompt_len, n, include_usage, logpro
                     }
                 )
         if include_usage:
-            yield event({**chunk, "choices": [], "usage": usage(prompt_len, completion)})
+            yield event({**chunk, "choices": [], "usage": usage(prompt_len, completion, cached)})
         yield DONE
         state.metrics.requests.labels("200").inc()
     finally:

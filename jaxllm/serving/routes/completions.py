@@ -77,7 +77,9 @@ async def completions(request: Request):
         )
     k = len(prompts) * params.n
     texts, lps, finish, tokens = list(echo_for(echo, params.n)), [[] for _ in range(k)], [None] * k, 0
+    cached = [0] * len(prompts)
     async for i, out in outputs():
+        cached[i] = max(cached[i], out.cached_tokens)
         j = i * params.n + out.index
         texts[j] += out.text
         lps[j] += out.logprobs
@@ -96,7 +98,7 @@ async def completions(request: Request):
     ]
     prompt_tokens = sum(len(p) for p in prompts)
     state.metrics.requests.labels("200").inc()
-    body = {**base, "object": "text_completion", "choices": choices, "usage": usage(prompt_tokens, tokens)}
+    body = {**base, "object": "text_completion", "choices": choices, "usage": usage(prompt_tokens, tokens, sum(cached))}
     return JSONResponse(body)
 
 
@@ -110,8 +112,10 @@ async def _events(state, base, outputs, merged, n, echo, include_usage, prompt_t
     chunk = {**base, "object": "text_completion"}
     completion = 0
     echoed = set()
+    cached: dict[int, int] = {}
     try:
         async for i, out in outputs:
+            cached[i] = max(cached.get(i, 0), out.cached_tokens)
             j = i * n + out.index
             text = out.text
             if echo[i] and j not in echoed:
@@ -127,7 +131,7 @@ async def _events(state, base, outputs, merged, n, echo, include_usage, prompt_t
                     }
                 )
         if include_usage:
-            yield event({**chunk, "choices": [], "usage": usage(prompt_tokens, completion)})
+            yield event({**chunk, "choices": [], "usage": usage(prompt_tokens, completion, sum(cached.values()))})
         yield DONE
         state.metrics.requests.labels("200").inc()
     finally:
