@@ -109,7 +109,7 @@ def capacity(cfg, budget_gib: float, seq_len: int = 2048) -> dict:
         sched = Scheduler(512, 1 << 20, pool=PagePool(num_pages, page_size, prefix_caching=False))
         params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
         for i in range(128):
-            sched.add([Sequence(f"r{i}", 0, _ids(i, seq_len - 64), params, 0, Tok(), (), 1 << 20, i)])
+            sched.add([Sequence(f"r{i}", 0, _ids(i, seq_len - 64), params, 0, Tok(), (), 1 << 20)])
         peak = 0
         while sched.has_work():
             plan = sched.schedule()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -91,7 +90,6 @@ class Engine:
         self.check_prompt(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
-        now = time.monotonic()
         seqs = [
             Sequence(
                 request_id,
@@ -102,7 +100,6 @@ class Engine:
                 self.tokenizer,
                 self.cfg.eos_token_ids,
                 self.max_model_len,
-                now,
             )
             for i in range(params.n)
         ]
@@ -190,13 +187,13 @@ class Engine:
         prior = np.full((rows, ctx), self.cfg.vocab_size, np.int32)
         bias = np.zeros((rows, self.cfg.vocab_size), np.float32)
         for i, c in enumerate(chunks):
-            s = c.seq
-            tokens[i, : c.end - c.start] = s.token_ids()[c.start : c.end]
+            s, ids = c.seq, c.seq.token_ids()
+            tokens[i, : c.end - c.start] = ids[c.start : c.end]
             starts[i], lengths[i], slots[i] = c.start, c.end - c.start, s.slot
             prompt_lens[i], out_steps[i] = len(s.prompt_ids), s.prefill_len - len(s.prompt_ids)
             fresh[i], last[i] = c.first, c.last
             if c.first:
-                prior[i, : c.start] = s.token_ids()[: c.start]
+                prior[i, : c.start] = ids[: c.start]
             for tok, b in s.params.logit_bias.items():
                 bias[i, tok] = b
         self.prefilled_tokens += sum(c.end - c.start for c in chunks)

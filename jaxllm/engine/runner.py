@@ -45,6 +45,7 @@ class DecodeState:
         )
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PrefillBatch:
     """Host-side inputs of one prefill: tokens [rows, T] padded; starts (tokens already cached), lengths
@@ -53,7 +54,8 @@ class PrefillBatch:
     fresh [rows]: the row's first chunk since admission (its penalty state starts afresh, from `prior`,
     the tokens [0, start) found in the prefix cache, [rows, ctx_len], `vocab` past them); last [rows]:
     the row's last chunk (its sampled token counts); block_tables [rows, n_pages]; row params; bias
-    [rows, V]; ctx_len: static cached prefix bucket the chunk attends to (0 when nothing is cached)."""
+    [rows, V]; ctx_len: static cached prefix bucket the chunk attends to (0 when nothing is cached).
+    A pytree: the jitted prefill takes it whole, compiled once per ctx_len and array shapes."""
 
     tokens: np.ndarray
     starts: np.ndarray
@@ -67,7 +69,7 @@ class PrefillBatch:
     block_tables: np.ndarray
     params: RowParams
     bias: np.ndarray
-    ctx_len: int = 0
+    ctx_len: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
 class ModelRunner:
@@ -90,7 +92,7 @@ class ModelRunner:
             if cfg.eos_token_ids
             else jnp.zeros((cfg.vocab_size,), bool)
         )
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("flags", "ctx_len"), donate_argnums=(1, 2))
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("flags",), donate_argnums=(1, 2))
         self._decode = jax.jit(
             self._decode_fn, static_argnames=("flags", "rows", "attn_len", "n_steps"), donate_argnums=(1, 2)
         )
@@ -120,8 +122,7 @@ class ModelRunner:
         stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
         if not stats or "bytes_limit" not in stats:
             return None
-        in_use = stats.get("bytes_in_use", 0) + (0 if self.cache is None else self.cache.k.nbytes + self.cache.v.nbytes)
-        return stats["bytes_limit"] - in_use
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
     def prefill_rows(self, length_bucket: int) -> int:
         """How many prompts of this length bucket one prefill call may take."""
@@ -131,24 +132,7 @@ class ModelRunner:
         """Prefill chunks into their pages and sample a token after each (device arrays; only a sequence's
         last chunk's token is meaningful)."""
         self.cache, self.state, first, info = self._prefill(
-            self.params,
-            self.cache,
-            self.state,
-            jnp.asarray(batch.tokens),
-            jnp.asarray(batch.starts),
-            jnp.asarray(batch.lengths),
-            jnp.asarray(batch.slots),
-            jnp.asarray(batch.prompt_lens),
-            jnp.asarray(batch.out_steps),
-            jnp.asarray(batch.fresh),
-            jnp.asarray(batch.last),
-            jnp.asarray(batch.prior),
-            jnp.asarray(batch.block_tables),
-            batch.params,
-            jnp.asarray(batch.bias),
-            self.stop_mask,
-            flags=flags,
-            ctx_len=batch.ctx_len,
+            self.params, self.cache, self.state, batch, self.stop_mask, flags=flags
         )
         return first, info
 
@@ -180,63 +164,57 @@ class ModelRunner:
         )
         return toks, info
 
-    def _prefill_fn(
-        self,
-        params,
-        cache,
-        state,
-        tokens,
-        starts,
-        lengths,
-        slots,
-        prompt_lens,
-        out_steps,
-        fresh,
-        last,
-        prior,
-        block_tables,
-        rp,
-        bias,
-        stop_mask,
-        *,
-        flags,
-        ctx_len,
-    ):
+    def _prefill_fn(self, params, cache, state, batch: PrefillBatch, stop_mask, *, flags):
         self.compiles["prefill"] += 1
-        rows, t = tokens.shape
+        rows, t = batch.tokens.shape
         offsets = jnp.arange(t, dtype=jnp.int32)[None]
-        positions = starts[:, None] + offsets
+        positions = batch.starts[:, None] + offsets
         logits, cache = forward(
-            self.model, params, tokens, positions, cache, block_tables, starts, ctx_len, logits_index=lengths - 1
+            self.model,
+            params,
+            batch.tokens,
+            positions,
+            cache,
+            batch.block_tables,
+            batch.starts,
+            batch.ctx_len,
+            logits_index=batch.lengths - 1,
         )
         vocab = logits.shape[-1]
-        valid = offsets < lengths[:, None]
-        in_prompt = valid & (positions < prompt_lens[:, None])
+        valid = offsets < batch.lengths[:, None]
+        in_prompt = valid & (positions < batch.prompt_lens[:, None])
         in_output = valid & ~in_prompt
         row_ix = jnp.arange(rows)[:, None]
         # The prompt mask and output counts of a chunked sequence accumulate over its chunks; its first
         # chunk starts them afresh from the tokens it found in the prefix cache.
-        prev = jnp.minimum(slots, self.slots - 1)
-        carried = ~fresh[:, None]
-        prior_in_prompt = jnp.arange(prior.shape[1])[None] < prompt_lens[:, None]
+        prev = jnp.minimum(batch.slots, self.slots - 1)
+        carried = ~batch.fresh[:, None]
+        prior_in_prompt = jnp.arange(batch.prior.shape[1])[None] < batch.prompt_lens[:, None]
         prompt_mask = jnp.where(carried, state.prompt_mask[prev], False)
-        prompt_mask = prompt_mask.at[row_ix, jnp.where(prior_in_prompt, prior, vocab)].set(True, mode="drop")
-        prompt_mask = prompt_mask.at[row_ix, jnp.where(in_prompt, tokens, vocab)].set(True, mode="drop")
+        prompt_mask = prompt_mask.at[row_ix, jnp.where(prior_in_prompt, batch.prior, vocab)].set(True, mode="drop")
+        prompt_mask = prompt_mask.at[row_ix, jnp.where(in_prompt, batch.tokens, vocab)].set(True, mode="drop")
         counts = jnp.where(carried, state.counts[prev], 0)
-        counts = counts.at[row_ix, jnp.where(prior_in_prompt, vocab, prior)].add(1, mode="drop")
-        counts = counts.at[row_ix, jnp.where(in_output, tokens, vocab)].add(1, mode="drop")
+        counts = counts.at[row_ix, jnp.where(prior_in_prompt, vocab, batch.prior)].add(1, mode="drop")
+        counts = counts.at[row_ix, jnp.where(in_output, batch.tokens, vocab)].add(1, mode="drop")
         first, info = sample(
-            logits, rp, out_steps, flags, prompt_mask=prompt_mask, counts=counts, bias=bias, stop_mask=stop_mask
+            logits,
+            batch.params,
+            batch.out_steps,
+            flags,
+            prompt_mask=prompt_mask,
+            counts=counts,
+            bias=batch.bias,
+            stop_mask=stop_mask,
         )
-        counts = counts.at[jnp.arange(rows), first].add(last.astype(jnp.int32))  # earlier chunks sample nothing
-        put = lambda dst, src: dst.at[slots].set(src, mode="drop")
+        counts = counts.at[jnp.arange(rows), first].add(batch.last.astype(jnp.int32))  # earlier chunks sample nothing
+        put = lambda dst, src: dst.at[batch.slots].set(src, mode="drop")
         state = DecodeState(
             put(state.tokens, first),
-            put(state.positions, starts + lengths),
-            put(state.steps, out_steps + 1),
+            put(state.positions, batch.starts + batch.lengths),
+            put(state.steps, batch.out_steps + 1),
             put(state.prompt_mask, prompt_mask),
             put(state.counts, counts),
-            put(state.bias, bias),
+            put(state.bias, batch.bias),
         )
         return cache, state, first, info
 

@@ -195,10 +195,7 @@ class Scheduler:
         rest = s.prefill_len - s.num_computed
         size = rest if rest <= budget else 1 << (budget.bit_length() - 1)
         end = s.num_computed + size
-        if preempt:
-            if not self._grow(s, end):
-                return None
-        elif not self._extend(s, end):
+        if not (self._grow(s, end) if preempt else self._extend(s, end)):
             return None
         chunk = PrefillChunk(s, s.num_computed, end)
         s.num_computed = end

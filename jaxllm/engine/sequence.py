@@ -41,7 +41,6 @@ class Sequence:
         tokenizer: Tokenizer,
         eos_ids: tuple[int, ...],
         max_len: int,
-        arrival: float = 0.0,
     ):
         self.request_id, self.index = request_id, index
         self.prompt_ids, self.params, self.seed = list(prompt_ids), params, seed
@@ -50,7 +49,6 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.slot: int | None = None
-        self.arrival = arrival
         self.order = 0  # admission order, set by the scheduler: the highest is the newest
         self.num_computed = 0  # tokens already dispatched into the KV cache by prefill
         self.prefill_len = len(prompt_ids)  # tokens to prefill: the prompt, plus earlier outputs after preemption

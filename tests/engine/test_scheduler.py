@@ -18,7 +18,7 @@ class _Tok:
         return "".join(chr(97 + i % 26) for i in ids)
 
 
-def seq(rid: str, prompt_len: int, max_tokens: int = 4, arrival: float = 0.0) -> Sequence:
+def seq(rid: str, prompt_len: int, max_tokens: int = 4) -> Sequence:
     return Sequence(
         rid,
         0,
@@ -28,7 +28,6 @@ def seq(rid: str, prompt_len: int, max_tokens: int = 4, arrival: float = 0.0) ->
         _Tok(),
         (0,),
         1000,
-        arrival,
     )
 
 
@@ -53,7 +52,7 @@ def feed(sched: Scheduler, plan, token: int = 5):
 
 def test_fcfs_admission_into_free_slots():
     sched = make_sched(max_seqs=2, token_budget=1000)
-    a, b, c = seq("a", 5, arrival=1), seq("b", 5, arrival=2), seq("c", 5, arrival=3)
+    a, b, c = seq("a", 5), seq("b", 5), seq("c", 5)
     for s in (a, b, c):
         sched.add([s])
     plan = sched.schedule()
