@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from jaxllm import compile_cache
 from jaxllm.chat_template import validate_messages
 from jaxllm.errors import InvalidRequestError, JaxLLMError
 from jaxllm.sampling_params import SamplingParams
@@ -262,6 +263,7 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    compile_cache.enable()
     try:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])

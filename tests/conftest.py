@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
+
+# Compiled steps are shared through JAX's persistent cache by the tests and the servers they start.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest
 

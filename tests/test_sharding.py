@@ -37,15 +37,28 @@ def _flat(tree, is_leaf=None):
     return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
 
 
+def _shapes(scan_layers: bool) -> dict:
+    boxed = param_shapes(build_model(LLAMA3_8B, scan_layers=scan_layers))["params"]
+    return {k: v.value.shape for k, v in _flat(boxed, is_leaf=lambda x: hasattr(x, "names")).items()}
+
+
 def test_full_size_shapes_without_allocating():
-    boxed = param_shapes(build_model(LLAMA3_8B))["params"]
-    flat = {k: v.value.shape for k, v in _flat(boxed, is_leaf=lambda x: hasattr(x, "names")).items()}
+    flat = _shapes(scan_layers=True)
     assert flat["embed"] == (128256, 4096)
     assert flat["layers/attn/qkv"] == (32, 4096, 8, 6, 128)  # 4 query heads + k + v per kv head
     assert flat["layers/attn/o"] == (32, 32, 128, 4096)
     assert flat["layers/mlp/gate_up"] == (32, 4096, 2, 14336)
     total = sum(math.prod(s) for s in flat.values())
     assert 8.0e9 < total < 8.1e9  # Llama-3-8B has 8.03B parameters
+
+
+def test_unrolled_layout_holds_the_same_params_per_layer():
+    stacked, unrolled = _shapes(scan_layers=True), _shapes(scan_layers=False)
+    assert "layers/attn/qkv" not in unrolled and "layers_32/attn/qkv" not in unrolled
+    for i in (0, 31):
+        assert unrolled[f"layers_{i}/attn/qkv"] == stacked["layers/attn/qkv"][1:]
+        assert unrolled[f"layers_{i}/mlp/down"] == stacked["layers/mlp/down"][1:]
+    assert sum(map(math.prod, unrolled.values())) == sum(map(math.prod, stacked.values()))
 
 
 def test_rules_map_logical_axes_and_refuse_collisions():
@@ -58,10 +71,17 @@ def test_rules_map_logical_axes_and_refuse_collisions():
 
 def test_param_shardings_follow_the_logical_names():
     mesh = make_mesh(1, 1)
-    specs = _flat(jax.tree.map(lambda s: s.spec, param_shardings(param_shapes(build_model(LLAMA3_8B)), mesh)))
-    assert specs["params/layers/attn/qkv"] == P(None, None, "model", None, None)
-    assert specs["params/layers/mlp/gate_up"] == P(None, None, None, "model")
-    assert specs["params/embed"] == P("model", None)
+
+    def specs(scan_layers):
+        shapes = param_shapes(build_model(LLAMA3_8B, scan_layers=scan_layers))
+        return _flat(jax.tree.map(lambda s: s.spec, param_shardings(shapes, mesh)))
+
+    stacked, unrolled = specs(True), specs(False)
+    assert stacked["params/layers/attn/qkv"] == P(None, None, "model", None, None)
+    assert stacked["params/layers/mlp/gate_up"] == P(None, None, None, "model")
+    assert stacked["params/embed"] == P("model", None)
+    assert unrolled["params/layers_7/attn/qkv"] == P(None, "model", None, None)
+    assert unrolled["params/layers_7/mlp/gate_up"] == P(None, None, "model")
 
 
 @pytest.mark.slow
@@ -80,8 +100,8 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
         ref = np.asarray(jax.jit(run)(m.params))
         mesh = make_mesh(data=4, model=2)
         sharded = jax.device_put(m.params, param_shardings(param_shapes(m.model), mesh))
-        qkv = sharded["params"]["layers"]["attn"]["qkv"]
-        assert len(qkv.sharding.device_set) == 8 and qkv.addressable_shards[0].data.shape[2] == 1
+        qkv = sharded["params"]["layers_0"]["attn"]["qkv"]
+        assert len(qkv.sharding.device_set) == 8 and qkv.addressable_shards[0].data.shape[1] == 1
         out = np.asarray(jax.jit(run)(sharded))
         np.testing.assert_allclose(out, ref, atol=1e-5)
         print("SHARDED-OK")

@@ -20,23 +20,31 @@ from jaxllm.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """k, v: [layers, num_pages, page_size, kv_heads, head_dim]."""
+    """k, v: [layers, num_pages, page_size, kv_heads, head_dim] (stacked, for models that scan their
+    layers), or tuples of one [num_pages, page_size, kv_heads, head_dim] array per layer (for unrolled
+    models: each layer reads and writes its own buffer, so XLA never copies a layer's slice)."""
 
     k: jax.Array
     v: jax.Array
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVCache:
-        shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    def zeros(
+        cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32, per_layer: bool = False
+    ) -> KVCache:
+        shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        if per_layer:
+            z = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+            return cls(z(), z())
+        shape = (cfg.num_layers,) + shape
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
     def num_pages(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0] if isinstance(self.k, tuple) else self.k.shape[1]
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
 
     def write(self, block_tables, positions, k_new, v_new) -> KVCache:
         """Scatter k_new, v_new [layers, batch, seq, kv_heads, head_dim] at positions [batch, seq] of each row.
@@ -48,6 +56,12 @@ class KVCache:
         n = block_tables.shape[1]
         page = jnp.take_along_axis(block_tables, jnp.minimum(page_of, n - 1), axis=1)
         page = jnp.where(page_of < n, page, self.num_pages)
+        if isinstance(self.k, tuple):
+            idx = (page, positions % self.page_size)
+            return KVCache(
+                tuple(k.at[idx].set(kn.astype(k.dtype), mode="drop") for k, kn in zip(self.k, k_new, strict=True)),
+                tuple(v.at[idx].set(vn.astype(v.dtype), mode="drop") for v, vn in zip(self.v, v_new, strict=True)),
+            )
         idx = (slice(None), page, positions % self.page_size)
         return KVCache(
             self.k.at[idx].set(k_new.astype(self.k.dtype), mode="drop"),

@@ -110,7 +110,7 @@ class ModelRunner:
         if self.cache is not None and (self.slots, self.num_pages, self.page_size) == (slots, num_pages, page_size):
             return
         self.cache = self.state = None  # free the old buffers before allocating the new ones
-        self.cache = KVCache.zeros(self.cfg, num_pages, page_size, self.dtype)
+        self.cache = KVCache.zeros(self.cfg, num_pages, page_size, self.dtype, per_layer=not self.model.scan_layers)
         self.state = DecodeState.zeros(slots, self.cfg.vocab_size)
         self.slots = slots
 

@@ -29,20 +29,27 @@ class LoadedModel:
 
 
 def load_model(
-    ref=None, dtype=jnp.float32, chat_template: str | Path | None = None, progress: bool = True
+    ref=None,
+    dtype=jnp.float32,
+    chat_template: str | Path | None = None,
+    progress: bool = True,
+    scan_layers: bool | None = None,
 ) -> LoadedModel:
-    """Load a model from an alias ('smollm2'), a .gguf file, a Hugging Face folder or hub id."""
+    """Load a model from an alias ('smollm2'), a .gguf file, a Hugging Face folder or hub id.
+
+    scan_layers: stacked params under a layer scan, or per-layer params run unrolled (default: see
+    `jaxllm.models.registry.default_scan_layers`)."""
     files = resolve_model(ref)
     if files.kind == "gguf":
-        cfg, params, tok = _load_gguf(files, dtype, progress)
+        cfg, model, params, tok = _load_gguf(files, dtype, progress, scan_layers)
     else:
-        cfg, params, tok = _load_hf(files, dtype, progress)
+        cfg, model, params, tok = _load_hf(files, dtype, progress, scan_layers)
     if chat_template is not None:
         tok.chat_template = read_template_file(chat_template)
-    return LoadedModel(files.name, cfg, build_model(cfg, dtype), params, tok)
+    return LoadedModel(files.name, cfg, model, params, tok)
 
 
-def _load_hf(files: ModelFiles, dtype, progress):
+def _load_hf(files: ModelFiles, dtype, progress, scan_layers):
     cfg = load_hf_config(files.path)
     reader = SafetensorsReader(files.path)
     if not reader.has("lm_head.weight") and not cfg.tie_word_embeddings:
@@ -50,17 +57,17 @@ def _load_hf(files: ModelFiles, dtype, progress):
     tok = Tokenizer.from_hf_folder(files.path)
     if tok.eos_id is not None and tok.eos_id not in cfg.eos_token_ids:
         cfg = dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + (tok.eos_id,))
-    model = build_model(cfg, dtype)
+    model = build_model(cfg, dtype, scan_layers)
     params = assemble_params(cfg, param_shapes(model), reader.read, dtype, progress, f"loading {files.name}")
-    return cfg, params, tok
+    return cfg, model, params, tok
 
 
-def _load_gguf(files: ModelFiles, dtype, progress):
+def _load_gguf(files: ModelFiles, dtype, progress, scan_layers):
     gguf = GGUFFile(files.path)
     cfg = config_from_gguf_metadata(gguf.metadata)
     if not gguf.has("lm_head.weight"):
         cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
     tok = Tokenizer.from_gguf_metadata(gguf.metadata)
-    model = build_model(cfg, dtype)
+    model = build_model(cfg, dtype, scan_layers)
     params = assemble_params(cfg, param_shapes(model), gguf.read, dtype, progress, f"loading {files.name}")
-    return cfg, params, tok
+    return cfg, model, params, tok

@@ -1,4 +1,4 @@
-"""Assemble the stacked Flax param tree from per-tensor reads, shared by every file format.
+"""Assemble the Flax param tree (stacked or per-layer) from per-tensor reads, shared by every file format.
 
 Each parameter is described once in `PARAM_TABLE`: its Flax path, its Hugging Face and GGUF
 names, and how a [out, in] torch-layout matrix becomes our layout. A format only provides
@@ -116,11 +116,15 @@ def assemble_params(
     tree: dict = {}
     np_dtype = jnp.dtype(dtype)
     for path in tqdm(shapes, desc=desc, disable=not progress, unit="tensor"):
-        if path not in PARAM_TABLE:
+        rule, layer = _rule_key(path)
+        if rule not in PARAM_TABLE:
             raise ModelLoadError(f"no loading rule for parameter {'/'.join(path)}")
-        names, _, fn = PARAM_TABLE[path]
+        names, _, fn = PARAM_TABLE[rule]
         want = shapes[path].shape
-        if "{i}" in names[0]:
+        if layer is not None:  # one layer of an unrolled model
+            layer_names = [n.format(i=layer) for n in names]
+            arr = _checked(fn([read(n) for n in layer_names], cfg), want, layer_names[0]).astype(np_dtype)
+        elif "{i}" in names[0]:
             arr = np.empty(want, np_dtype)
             for i in range(cfg.num_layers):
                 layer_names = [n.format(i=i) for n in names]
@@ -132,6 +136,14 @@ def assemble_params(
             node = node.setdefault(p, {})
         node[path[-1]] = jnp.asarray(arr)
     return {"params": tree}
+
+
+def _rule_key(path: tuple[str, ...]) -> tuple[tuple[str, ...], int | None]:
+    """The PARAM_TABLE key of a param path, and its layer for the unrolled layout (`layers_3/...`)."""
+    head, _, index = path[0].rpartition("_")
+    if head == "layers" and index.isdigit():
+        return ("layers",) + path[1:], int(index)
+    return path, None
 
 
 def _checked(arr: np.ndarray, want: tuple[int, ...], name: str) -> np.ndarray:

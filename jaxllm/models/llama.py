@@ -1,9 +1,12 @@
 """The Llama family (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as one Flax module.
 
-The layers are stacked and run under `nn.scan`. The paged KV cache is passed into the scan
-read-only; each layer reads its context through the block tables and returns its new keys and values
-as scan outputs, which the caller writes into the (donated) cache with one scatter after the scan,
-so XLA never copies the cache per layer.
+The layers run either stacked under `nn.scan` (params `layers/...` with a leading layer axis: one
+compiled body, fast to compile for deep models) or unrolled over per-layer params (`layers_0/...`,
+`layers_1/...`). On XLA:CPU the scan's per-layer dynamic slice copies every weight matrix before its
+matmul (about a third of a batch-1 decode step for SmolLM2); unrolled, the matmuls read the weights
+in place. The paged KV cache is read-only inside the layers: each layer reads its context through
+the block tables and returns its new keys and values, which the caller writes into the (donated)
+cache with one scatter after the last layer, so XLA never copies the cache per layer.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class Transformer(nn.Module):
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
@@ -105,15 +109,33 @@ class Transformer(nn.Module):
         embed = param(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=dt)
         x = jnp.take(embed, tokens, axis=0)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
-        layers = nn.scan(
-            DecoderLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, 0),
-            length=c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, dt, ctx_len if k_cache is not None else 0, name="layers")
-        x, (k_new, v_new) = layers(x, (cos, sin, ctx_lens, block_tables), (k_cache, v_cache))
+        shared, layer_ctx = (cos, sin, ctx_lens, block_tables), ctx_len if k_cache is not None else 0
+        if self.scan_layers:
+            if isinstance(k_cache, tuple):
+                raise ValueError("scanned layers take the stacked KV cache: KVCache.zeros(per_layer=False)")
+            layers = nn.scan(
+                DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, dt, layer_ctx, name="layers")
+            x, (k_new, v_new) = layers(x, shared, (k_cache, v_cache))
+        else:
+            ks, vs = [], []
+            for i in range(c.num_layers):
+                layer_cache = (k_cache[i], v_cache[i]) if k_cache is not None else (None, None)
+                # Each layer's context gather waits for the layer's input: unordered, XLA would start all
+                # the layers' gathers at once, contending with the matmuls for cores and cache.
+                x, tables = jax.lax.optimization_barrier((x, block_tables))
+                layer_shared = (cos, sin, ctx_lens, tables)
+                x, (k, v) = DecoderLayer(c, dt, layer_ctx, name=f"layers_{i}")(x, layer_shared, layer_cache)
+                ks.append(k)
+                vs.append(v)
+            # The cache write after the last layer must follow every layer's read of the cache: tie the
+            # new keys/values to the final activations, or XLA copies the whole cache to write in place.
+            x, k_new, v_new = jax.lax.optimization_barrier((x, jnp.stack(ks), jnp.stack(vs)))
         x = RMSNorm(c.rms_norm_eps, dtype=dt, name="final_norm")(x)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]

@@ -17,10 +17,25 @@ FAMILIES = {
 }
 
 
-def build_model(cfg: ModelConfig, dtype=jnp.float32):
-    """The Flax module for this config (not initialised: params come from a loader)."""
+def default_scan_layers() -> bool:
+    """Whether models run their layers under a scan (stacked params) rather than unrolled.
+
+    Unrolled on the CPU, where the scan's per-layer weight slices are copies (measured on SmolLM2:
+    batch-1 decode ~30 -> ~20 ms per step for the layer matmuls); scanned elsewhere, where one compiled
+    layer body keeps compile times short for deep models.
+    """
+    return jax.default_backend() != "cpu"
+
+
+def build_model(cfg: ModelConfig, dtype=jnp.float32, scan_layers: bool | None = None):
+    """The Flax module for this config (not initialised: params come from a loader).
+
+    scan_layers: run the layers under `nn.scan` over stacked params (`layers/...`) or unrolled over
+    per-layer params (`layers_0/...`); default `default_scan_layers()`.
+    """
+    scan_layers = default_scan_layers() if scan_layers is None else scan_layers
     try:
-        return FAMILIES[cfg.model_type](cfg, dtype)
+        return FAMILIES[cfg.model_type](cfg, dtype, scan_layers)
     except KeyError:
         raise UnsupportedModelError(f"model type {cfg.model_type!r} is not supported") from None
 

@@ -42,7 +42,7 @@ def _our_logits(loaded, prompt, tokens, page_size=64):
     64-token cache in pages of `page_size` (64: one contiguous page), the pages in scrambled order."""
     cfg, model, params = loaded.config, loaded.model, loaded.params
     n_pages = 64 // page_size
-    cache = KVCache.zeros(cfg, n_pages + 1, page_size)
+    cache = KVCache.zeros(cfg, n_pages + 1, page_size, per_layer=not model.scan_layers)
     table = jnp.asarray([np.random.default_rng(0).permutation(n_pages + 1)[:n_pages]], jnp.int32)
     n = len(prompt)
     step = jax.jit(forward, static_argnums=(0, 7))
@@ -85,6 +85,41 @@ def test_logits_and_greedy_match_transformers(tiny_models, arch):
         llm = LLM(loaded=loaded, max_model_len=128, page_size=page_size)
         out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True), use_tqdm=False)
         assert out[0].outputs[0].token_ids == hf_tokens, page_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_scanned_and_unrolled_layers_load_and_compute_the_same(tiny_models, arch):
+    """Stacked params under a layer scan with a stacked cache, and per-layer params run unrolled with a
+    cache buffer per layer: the same weights, the same logits."""
+    folder, _ = tiny_models[arch]
+    scanned = load_model(folder, progress=False, scan_layers=True)
+    unrolled = load_model(folder, progress=False, scan_layers=False)
+    assert scanned.model.scan_layers and not unrolled.model.scan_layers
+    n_layers = scanned.config.num_layers
+    stacked = scanned.params["params"]["layers"]
+    for i in range(n_layers):
+        per_layer = unrolled.params["params"][f"layers_{i}"]
+        jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a[i], b), stacked, per_layer)
+    tokens = [5, 9, 11, 200]
+    ref_prefill, ref_steps = _our_logits(scanned, PROMPT, tokens, page_size=4)
+    prefill, steps = _our_logits(unrolled, PROMPT, tokens, page_size=4)
+    np.testing.assert_allclose(prefill, ref_prefill, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(steps, ref_steps, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="stacked KV cache"):
+        cache = KVCache.zeros(scanned.config, 4, 4, per_layer=True)
+        ids = jnp.asarray([PROMPT], jnp.int32)
+        positions = jnp.arange(len(PROMPT))[None]
+        forward(
+            scanned.model,
+            scanned.params,
+            ids,
+            positions,
+            cache,
+            jnp.zeros((1, 4), jnp.int32),
+            jnp.zeros((1,), jnp.int32),
+            4,
+        )
 
 
 @pytest.mark.slow
