@@ -30,8 +30,8 @@ class LLM:
     are prefilled in chunks of at most this many tokens); page_size: tokens per KV cache page;
     kv_cache_memory: KV cache budget in GiB (default: 90% of free device memory on accelerators,
     4 GiB on the CPU); prefix_caching: reuse the cached pages of shared prompt prefixes;
-    scan_layers: run the layers under one compiled scan (faster to compile for deep models) rather than
-    unrolled (faster on the CPU); default: unrolled on the CPU, scanned on accelerators.
+    scan_layers: run the layers under one compiled scan (the default: each step compiles ~3x faster)
+    or unrolled (False: decodes faster on the CPU, for long offline runs over few shapes).
     """
 
     def __init__(
@@ -48,7 +48,7 @@ class LLM:
         page_size: int = 16,
         kv_cache_memory: float | None = None,
         prefix_caching: bool = True,
-        scan_layers: bool | None = None,
+        scan_layers: bool = True,
         progress: bool = True,
         loaded: LoadedModel | None = None,
     ):

@@ -151,6 +151,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         str(args.max_model_len),
         "--log-level",
         "warning",
+        "--layers",
+        args.layers,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -172,7 +174,8 @@ async def warm(url, prompt_len, tokens):
             await asyncio.gather(
                 *(one_request(client, url, _prompt(9000 + 100 * n + i, prompt_len), tokens) for i in range(n))
             )
-        await asyncio.gather(*(one_request(client, url, _prompt(9100 + i, 256), 8) for i in range(8)))
+        for n in (1, 2, 4, 8):  # 256-token prompts, alone and together, with their longer decode context
+            await asyncio.gather(*(one_request(client, url, _prompt(9100 + 10 * n + i, 256), 8) for i in range(n)))
 
 
 def table(res: dict, args) -> str:
@@ -206,7 +209,7 @@ def write_doc(text: str, args) -> None:
         f"Run {stamp} on {os.cpu_count()} CPU cores; {args.tokens} output tokens per request, prompts of "
         f"{args.prompt_len} tokens unless stated; streaming `/v1/completions` over loopback.\n"
         f"Command: `python scripts/bench_serving.py --tokens {args.tokens} --rounds {args.rounds} "
-        f"--rate {args.rate}`\n\n{text}\n{END}"
+        f"--rate {args.rate} --stagger {args.stagger}`\n\n{text}\n{END}"
     )
     write_section(BEGIN, END, block)
 
@@ -219,7 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="requests per client in the closed loops")
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s")
     p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--stagger", type=float, default=0.5, help="seconds between client starts, staggered loop")
+    p.add_argument("--layers", default="scan", choices=["scan", "unrolled"], help="the server's --layers")
+    p.add_argument("--stagger", type=float, default=1.0, help="seconds between client starts, staggered loop")
     p.add_argument("--only", default="", help="run only the workloads whose name contains this (no doc update)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)

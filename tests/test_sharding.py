@@ -100,8 +100,8 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
         ref = np.asarray(jax.jit(run)(m.params))
         mesh = make_mesh(data=4, model=2)
         sharded = jax.device_put(m.params, param_shardings(param_shapes(m.model), mesh))
-        qkv = sharded["params"]["layers_0"]["attn"]["qkv"]
-        assert len(qkv.sharding.device_set) == 8 and qkv.addressable_shards[0].data.shape[1] == 1
+        qkv = sharded["params"]["layers"]["attn"]["qkv"]
+        assert len(qkv.sharding.device_set) == 8 and qkv.addressable_shards[0].data.shape[2] == 1
         out = np.asarray(jax.jit(run)(sharded))
         np.testing.assert_allclose(out, ref, atol=1e-5)
         print("SHARDED-OK")

@@ -1,9 +1,11 @@
 """The scheduler: which sequences run this step, how much of each is prefilled, which pages they use. No JAX.
 
 There are no phases: every sequence has tokens computed (in the KV cache) and tokens it needs; each
-step hands out a token budget. Running sequences that are fully prefilled decode (one token of
-budget each); the rest of the budget prefills prompts in chunks, first for sequences already
-holding a slot, then for new ones admitted first come, first served while slots and pages are free.
+step hands out a token budget. Running sequences that are fully prefilled decode; the budget
+prefills prompts in chunks, first for sequences already holding a slot, then for new ones admitted
+first come, first served while slots and pages are free. Decodes do not draw on the budget: they run
+as their own compiled call, whose cost hardly depends on the prefill beside it, and charging them
+would cut a prompt that just fits the budget into two chunks whenever anything else is decoding.
 
 KV memory comes in pages from a `PagePool`. A new sequence starts from the longest prefix of its
 prompt already cached and prefills only the rest. When the pool runs dry, the newest running
@@ -134,7 +136,7 @@ class Scheduler:
             useful = min(s.inflight + steps, s.remaining())
             if s.slot is not None and self._grow(s, s.num_tokens + useful - 1):
                 decodes.append(s)
-        budget = self.token_budget - len(decodes)
+        budget = self.token_budget
         prefills = []
         for s in self._by_age(lambda s: not s.prefilled):
             if budget <= 0:

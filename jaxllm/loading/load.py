@@ -33,12 +33,12 @@ def load_model(
     dtype=jnp.float32,
     chat_template: str | Path | None = None,
     progress: bool = True,
-    scan_layers: bool | None = None,
+    scan_layers: bool = True,
 ) -> LoadedModel:
     """Load a model from an alias ('smollm2'), a .gguf file, a Hugging Face folder or hub id.
 
-    scan_layers: stacked params under a layer scan, or per-layer params run unrolled (default: see
-    `jaxllm.models.registry.default_scan_layers`)."""
+    scan_layers: stacked params under a layer scan, or per-layer params run unrolled (see
+    `jaxllm.models.registry.build_model`)."""
     files = resolve_model(ref)
     if files.kind == "gguf":
         cfg, model, params, tok = _load_gguf(files, dtype, progress, scan_layers)

@@ -1,12 +1,13 @@
 """The Llama family (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as one Flax module.
 
 The layers run either stacked under `nn.scan` (params `layers/...` with a leading layer axis: one
-compiled body, fast to compile for deep models) or unrolled over per-layer params (`layers_0/...`,
-`layers_1/...`). On XLA:CPU the scan's per-layer dynamic slice copies every weight matrix before its
-matmul (about a third of a batch-1 decode step for SmolLM2); unrolled, the matmuls read the weights
-in place. The paged KV cache is read-only inside the layers: each layer reads its context through
-the block tables and returns its new keys and values, which the caller writes into the (donated)
-cache with one scatter after the last layer, so XLA never copies the cache per layer.
+compiled body, fast to compile) or unrolled over per-layer params (`layers_0/...`, `layers_1/...`).
+On XLA:CPU the scan's per-layer dynamic slice copies every weight matrix before its matmul (about a
+third of a batch-1 decode step for SmolLM2); unrolled, the matmuls read the weights in place, but
+each compiled step takes ~3x longer to compile. The paged KV cache is read-only inside the layers:
+each layer reads its context through the block tables and returns its new keys and values, which the
+caller writes into the (donated) cache with one scatter after the last layer, so XLA never copies
+the cache per layer.
 """
 
 from __future__ import annotations

@@ -46,6 +46,13 @@ def add_parser(sub, positive) -> None:
         help="seconds that running requests may take to finish after SIGTERM",
     )
     p.add_argument("--max-body-bytes", type=positive, default=4 * 2**20)
+    p.add_argument(
+        "--layers",
+        choices=["scan", "unrolled"],
+        default="scan",
+        help="run the layers under one compiled scan (default: each new batch shape compiles ~3x faster) or "
+        "unrolled (faster offline decode on the CPU, slower to compile)",
+    )
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -59,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from jaxllm.serving.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    loaded = load_model(args.model, chat_template=args.chat_template)
+    loaded = load_model(args.model, chat_template=args.chat_template, scan_layers=args.layers == "scan")
     max_len = args.max_model_len or min(loaded.config.max_position_embeddings, SERVE_DEFAULT_MAX_LEN)
     llm = LLM(
         loaded=loaded,

@@ -78,7 +78,7 @@ def test_chunked_prefill_under_a_token_budget_and_decodes_go_first():
     assert {s.request_id for s in plan.decodes} == {"long", "short"} and not plan.prefills
 
 
-def test_budget_counts_decodes_and_chunks_are_powers_of_two():
+def test_decodes_leave_the_budget_to_prefill_and_chunks_are_powers_of_two():
     sched = make_sched(max_seqs=4, token_budget=20)
     d = seq("d", 2, max_tokens=50)
     sched.add([d])
@@ -86,7 +86,14 @@ def test_budget_counts_decodes_and_chunks_are_powers_of_two():
     sched.add([seq("p", 100)])
     plan = sched.schedule()
     assert plan.decodes == [d]
-    assert [(c.start, c.end) for c in plan.prefills] == [(0, 16)]  # 20 - 1 decode = 19 -> 16
+    assert [(c.start, c.end) for c in plan.prefills] == [(0, 16)]  # the largest power of two within 20
+    sched = make_sched(max_seqs=4, token_budget=16)
+    sched.add([d := seq("d", 2, max_tokens=50)])
+    feed(sched, sched.schedule())
+    sched.add([seq("p", 16)])
+    plan = sched.schedule()
+    assert plan.decodes == [d]
+    assert [(c.start, c.end, c.last) for c in plan.prefills] == [(0, 16, True)]  # whole, beside the decode
 
 
 def test_finished_sequences_free_their_slot_for_the_next():

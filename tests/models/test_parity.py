@@ -106,6 +106,12 @@ def test_scanned_and_unrolled_layers_load_and_compute_the_same(tiny_models, arch
     prefill, steps = _our_logits(unrolled, PROMPT, tokens, page_size=4)
     np.testing.assert_allclose(prefill, ref_prefill, atol=1e-5, rtol=0)
     np.testing.assert_allclose(steps, ref_steps, atol=1e-5, rtol=0)
+    greedy = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
+    outs = [
+        LLM(loaded=m, max_model_len=128, page_size=4).generate(PROMPT, greedy, use_tqdm=False)
+        for m in (scanned, unrolled)
+    ]
+    assert outs[0][0].outputs[0].token_ids == outs[1][0].outputs[0].token_ids
     with pytest.raises(ValueError, match="stacked KV cache"):
         cache = KVCache.zeros(scanned.config, 4, 4, per_layer=True)
         ids = jnp.asarray([PROMPT], jnp.int32)
