@@ -153,6 +153,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         "warning",
         "--layers",
         args.layers,
+        "--decode-steps",
+        str(args.decode_steps),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -209,7 +211,7 @@ def write_doc(text: str, args) -> None:
         f"Run {stamp} on {os.cpu_count()} CPU cores; {args.tokens} output tokens per request, prompts of "
         f"{args.prompt_len} tokens unless stated; streaming `/v1/completions` over loopback.\n"
         f"Command: `python scripts/bench_serving.py --tokens {args.tokens} --rounds {args.rounds} "
-        f"--rate {args.rate} --stagger {args.stagger}`\n\n{text}\n{END}"
+        f"--rate {args.rate} --stagger {args.stagger} --decode-steps {args.decode_steps}`\n\n{text}\n{END}"
     )
     write_section(BEGIN, END, block)
 
@@ -223,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--layers", default="scan", choices=["scan", "unrolled"], help="the server's --layers")
+    p.add_argument("--decode-steps", type=int, default=2, help="the server's --decode-steps")
     p.add_argument("--stagger", type=float, default=1.0, help="seconds between client starts, staggered loop")
     p.add_argument("--only", default="", help="run only the workloads whose name contains this (no doc update)")
     p.add_argument("--no-write", action="store_true")

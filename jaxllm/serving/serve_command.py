@@ -27,6 +27,13 @@ def add_parser(sub, positive) -> None:
         default=512,
         help="tokens computed per step; longer prompts are prefilled in chunks",
     )
+    p.add_argument(
+        "--decode-steps",
+        type=positive,
+        default=2,
+        help="decode steps per dispatch while no prompt waits (more: less overhead; fewer: new arrivals "
+        "start sooner, as they wait for the dispatches in flight)",
+    )
     p.add_argument("--page-size", type=positive, default=16, help="tokens per KV cache page")
     p.add_argument(
         "--kv-cache-memory",
@@ -73,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_seqs,
         max_model_len=max_len,
         token_budget=args.token_budget,
+        decode_steps=args.decode_steps,
         max_waiting=args.max_waiting,
         page_size=args.page_size,
         kv_cache_memory=args.kv_cache_memory,
