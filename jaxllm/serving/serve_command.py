@@ -68,12 +68,14 @@ def add_parser(sub, positive) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from jaxllm.api import LLM
+    from jaxllm.api import LLM, default_dtype
     from jaxllm.loading.load import load_model
     from jaxllm.serving.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    loaded = load_model(args.model, chat_template=args.chat_template, scan_layers=args.layers == "scan")
+    loaded = load_model(
+        args.model, default_dtype(), chat_template=args.chat_template, scan_layers=args.layers == "scan"
+    )
     max_len = args.max_model_len or min(loaded.config.max_position_embeddings, SERVE_DEFAULT_MAX_LEN)
     llm = LLM(
         loaded=loaded,

@@ -40,6 +40,10 @@ def test_sigterm_finishes_running_requests_then_exits(tmp_path):
             "--kv-cache-memory",
             "0.05",
             "--no-prefix-caching",
+            "--decode-steps",
+            "1",
+            "--layers",
+            "unrolled",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -97,3 +101,15 @@ def test_a_kv_budget_below_one_sequence_is_refused_in_one_line():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "raise kv_cache_memory or lower max_model_len" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"), [("--layers", "diagonal", "invalid choice"), ("--decode-steps", "0", "positive")]
+)
+def test_bad_serve_options_are_refused_in_one_line(flag, value, says):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxllm", "serve", flag, value], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert says in proc.stderr.strip().splitlines()[-1]
