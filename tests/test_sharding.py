@@ -104,6 +104,11 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
         assert len(qkv.sharding.device_set) == 8 and qkv.addressable_shards[0].data.shape[2] == 1
         out = np.asarray(jax.jit(run)(sharded))
         np.testing.assert_allclose(out, ref, atol=1e-5)
+        u = load_model({str(folder)!r}, progress=False, scan_layers=False)  # per-layer params, unrolled
+        u_sharded = jax.device_put(u.params, param_shardings(param_shapes(u.model), mesh))
+        assert len(u_sharded["params"]["layers_1"]["mlp"]["down"].sharding.device_set) == 8
+        u_run = lambda p: u.model.apply(p, tokens, pos, None, None, jnp.zeros((4,), jnp.int32))[0]
+        np.testing.assert_allclose(np.asarray(jax.jit(u_run)(u_sharded)), ref, atol=1e-5)
         print("SHARDED-OK")
     """)
     env = {
