@@ -26,12 +26,13 @@ class LLM:
     """A loaded model ready to generate. `LLM()` loads the packaged SmolLM2 default model.
 
     max_num_seqs: sequences decoded together; max_model_len: context limit (prompt + output);
-    decode_steps: decode steps per dispatch; token_budget: tokens computed per step (longer prompts
-    are prefilled in chunks of at most this many tokens); page_size: tokens per KV cache page;
+    decode_steps: decode steps per dispatch; token_budget: prompt tokens prefilled per step, beside the
+    decodes (longer prompts are prefilled in chunks of at most this many tokens); page_size: tokens per KV cache page;
     kv_cache_memory: KV cache budget in GiB (default: 90% of free device memory on accelerators,
     4 GiB on the CPU); prefix_caching: reuse the cached pages of shared prompt prefixes;
     scan_layers: run the layers under one compiled scan (the default: each step compiles ~3x faster)
-    or unrolled (False: decodes faster on the CPU, for long offline runs over few shapes).
+    or unrolled (False: decodes faster on the CPU, for long offline runs over few shapes); with `loaded=`,
+    the loaded model's layout is used.
     """
 
     def __init__(

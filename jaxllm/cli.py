@@ -39,6 +39,7 @@ def _params(args, **overrides) -> SamplingParams:
 def _load(args):
     from jaxllm.api import LLM
 
+    compile_cache.enable()
     return LLM(
         args.model,
         max_model_len=args.max_model_len,
@@ -263,7 +264,6 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    compile_cache.enable()
     try:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])

@@ -122,10 +122,11 @@ def summarize(results: list[dict], wall: float) -> dict:
     }
 
 
-def offline_throughput(batch: int, prompt_len: int, tokens: int, max_len: int) -> float:
+def offline_throughput(batch: int, prompt_len: int, tokens: int, max_len: int, scan_layers: bool) -> float:
+    """`LLM.generate` of the batch with its own defaults (4 decode steps per dispatch), the server's layers."""
     from jaxllm import LLM, SamplingParams
 
-    llm = LLM("smollm2", max_num_seqs=batch, max_model_len=max_len, progress=False)
+    llm = LLM("smollm2", max_num_seqs=batch, max_model_len=max_len, progress=False, scan_layers=scan_layers)
     prompts = [_prompt(i, prompt_len) for i in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)
@@ -188,7 +189,7 @@ def table(res: dict, args) -> str:
             f"{r['itl_p50'] * 1e3:.1f} ms | {r['itl_p99'] * 1e3:.1f} ms |"
         )
     runs = res["runs"]
-    if len(runs) < 8:
+    if len(runs) < 8 or not res["offline"]:
         return "\n".join(lines)
     c1, c32 = runs["closed loop, 1 client"]["tok_s"], runs["closed loop, 32 clients"]["tok_s"]
     lines += [
@@ -211,7 +212,8 @@ def write_doc(text: str, args) -> None:
         f"Run {stamp} on {os.cpu_count()} CPU cores; {args.tokens} output tokens per request, prompts of "
         f"{args.prompt_len} tokens unless stated; streaming `/v1/completions` over loopback.\n"
         f"Command: `python scripts/bench_serving.py --tokens {args.tokens} --rounds {args.rounds} "
-        f"--rate {args.rate} --stagger {args.stagger} --decode-steps {args.decode_steps}`\n\n{text}\n{END}"
+        f"--rate {args.rate} --stagger {args.stagger} --decode-steps {args.decode_steps} "
+        f"--layers {args.layers}`\n\n{text}\n{END}"
     )
     write_section(BEGIN, END, block)
 
@@ -253,7 +255,11 @@ def main(argv=None) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
-    offline = 0.0 if args.only else offline_throughput(32, args.prompt_len, args.tokens, args.max_model_len)
+    offline = (
+        0.0
+        if args.only
+        else offline_throughput(32, args.prompt_len, args.tokens, args.max_model_len, args.layers == "scan")
+    )
     text = table({"runs": runs, "offline": offline}, args)
     print(text)
     if not (args.no_write or args.only):

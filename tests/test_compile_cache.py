@@ -39,3 +39,9 @@ def test_a_configured_cache_directory_is_kept(tmp_path):
     out = _run({"XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_COMPILATION_CACHE_DIR": str(mine)})
     assert f"DIR {mine} {mine}" in out
     assert not (tmp_path / "xdg").exists()
+
+
+def test_a_relative_xdg_cache_home_is_ignored(tmp_path):
+    out = _run({"XDG_CACHE_HOME": "relative/cache", "HOME": str(tmp_path)})
+    want = tmp_path / ".cache" / "jaxllm" / "xla"
+    assert f"DIR {want} {want}" in out

@@ -99,11 +99,11 @@ class Transformer(nn.Module):
         """Run the model.
 
         tokens, positions: [batch, seq] int32; k_cache, v_cache: [layers, num_pages, page_size, kv_heads,
-        head_dim] or None; ctx_lens: [batch] valid cached positions per row; block_tables: [batch, n_pages]
-        int32 pages of each row (see `jaxllm.engine.kv_cache`); ctx_len: static number of cached positions
-        attended (0: none); logits_index: [batch] or
-        None — when given, only the logits at that position of each row are computed ([batch, vocab]
-        instead of [batch, seq, vocab]).
+        head_dim] (or, unrolled, a tuple of one [num_pages, page_size, kv_heads, head_dim] per layer) or None;
+        ctx_lens: [batch] valid cached positions per row; block_tables: [batch, n_pages] int32 pages of each row
+        (see `jaxllm.engine.kv_cache`); ctx_len: static number of cached positions attended (0: none);
+        logits_index: [batch] or None — when given, only the logits at that position of each row are computed
+        ([batch, vocab] instead of [batch, seq, vocab]).
         Returns (logits, (k_new, v_new)) with k_new, v_new [layers, batch, seq, kv_heads, head_dim].
         """
         c, dt = self.cfg, self.dtype

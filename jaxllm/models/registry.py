@@ -42,11 +42,11 @@ def param_shapes(model):
 def forward(model, params, tokens, positions, cache, block_tables, ctx_lens, ctx_len: int, logits_index=None):
     """One model call over the paged KV cache: (logits, new cache). Pure; jitted by the runner.
 
-    tokens, positions: [batch, seq]; cache: KVCache with k, v [layers, num_pages, page_size, kv_heads,
-    head_dim]; block_tables: [batch, n_pages] int32 pages of each row, covering both the context read
-    and the positions written; ctx_lens: [batch] valid cached tokens per row; ctx_len: static number of
-    cached positions to attend to; logits_index: [batch] or None (see Transformer). New keys/values land
-    at `positions`; with block_tables None nothing is read or written (a cache-free forward).
+    tokens, positions: [batch, seq]; cache: KVCache with k, v [layers, num_pages, page_size, kv_heads, head_dim]
+    (per-layer tuples for an unrolled model); block_tables: [batch, n_pages] int32 pages of each row, covering
+    both the context read and the positions written; ctx_lens: [batch] valid cached tokens per row; ctx_len:
+    static number of cached positions to attend to; logits_index: [batch] or None (see Transformer). New
+    keys/values land at `positions`; with block_tables None nothing is read or written (a cache-free forward).
     """
     k, v = (cache.k, cache.v) if ctx_len else (None, None)
     logits, (k_new, v_new) = model.apply(params, tokens, positions, k, v, ctx_lens, block_tables, ctx_len, logits_index)

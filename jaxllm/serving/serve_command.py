@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from jaxllm import compile_cache
+
 SERVE_DEFAULT_MAX_LEN = 2048
 
 
@@ -25,7 +27,7 @@ def add_parser(sub, positive) -> None:
         "--token-budget",
         type=positive,
         default=512,
-        help="tokens computed per step; longer prompts are prefilled in chunks",
+        help="prompt tokens prefilled per step (decodes run beside them); longer prompts are prefilled in chunks",
     )
     p.add_argument(
         "--decode-steps",
@@ -72,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from jaxllm.loading.load import load_model
     from jaxllm.serving.app import create_app
 
+    compile_cache.enable()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     loaded = load_model(
         args.model, default_dtype(), chat_template=args.chat_template, scan_layers=args.layers == "scan"
