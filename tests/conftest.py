@@ -6,11 +6,13 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
+from jaxllm import compile_cache  # imports no jax: the settings below still take effect
+
 # Compiled steps are shared through JAX's persistent cache by the tests and the servers they start.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-
-import pytest
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(compile_cache.MIN_COMPILE_SECONDS))
 
 TINY = dict(
     vocab_size=300,

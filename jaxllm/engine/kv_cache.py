@@ -40,11 +40,11 @@ class KVCache:
 
     @property
     def num_pages(self) -> int:
-        return self.k[0].shape[0] if isinstance(self.k, tuple) else self.k.shape[1]
+        return jax.tree.leaves(self.k)[0].shape[-4]  # stacked or per layer, the pool is the last 4 dims
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
+        return jax.tree.leaves(self.k)[0].shape[-3]
 
     def write(self, block_tables, positions, k_new, v_new) -> KVCache:
         """Scatter k_new, v_new [layers, batch, seq, kv_heads, head_dim] at positions [batch, seq] of each row.

@@ -122,20 +122,24 @@ def assemble_params(
         names, _, fn = PARAM_TABLE[rule]
         want = shapes[path].shape
         if layer is not None:  # one layer of an unrolled model
-            layer_names = [n.format(i=layer) for n in names]
-            arr = _checked(fn([read(n) for n in layer_names], cfg), want, layer_names[0]).astype(np_dtype)
+            arr = _source_tensor(names, layer, fn, read, cfg, want).astype(np_dtype)
         elif "{i}" in names[0]:
             arr = np.empty(want, np_dtype)
             for i in range(cfg.num_layers):
-                layer_names = [n.format(i=i) for n in names]
-                arr[i] = _checked(fn([read(n) for n in layer_names], cfg), want[1:], layer_names[0])
+                arr[i] = _source_tensor(names, i, fn, read, cfg, want[1:])
         else:
-            arr = _checked(fn([read(n) for n in names], cfg), want, names[0]).astype(np_dtype)
+            arr = _source_tensor(names, None, fn, read, cfg, want).astype(np_dtype)
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = jnp.asarray(arr)
     return {"params": tree}
+
+
+def _source_tensor(names, layer: int | None, fn, read, cfg: ModelConfig, want) -> np.ndarray:
+    """One param's array: its source tensors (of `layer`, for per-layer names) read, transformed, checked."""
+    sources = [n.format(i=layer) for n in names]
+    return _checked(fn([read(n) for n in sources], cfg), want, sources[0])
 
 
 def _rule_key(path: tuple[str, ...]) -> tuple[tuple[str, ...], int | None]:
