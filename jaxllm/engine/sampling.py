@@ -79,6 +79,26 @@ def filter_logits(logits, top_k, top_p, min_p):
     return jnp.where(mask, logits, NEG_INF)
 
 
+def first_argmax(x):
+    """Index [batch] int32 of the first maximum of x [batch, vocab], like `jnp.argmax` for finite values.
+
+    Two vectorised reductions (max, then the smallest index holding it) instead of one reduction over
+    (value, index) pairs, which XLA:CPU runs element by element: at [32, 49152] ~0.8 ms instead of
+    ~3.5 ms, every decode step. A row with NaN picks the last token (argmax would pick the first NaN).
+    """
+    v = x.shape[-1]
+    hit = x == x.max(axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(first, v - 1)
+
+
+def gumbel_sample(key, logits):
+    """One token id from logits [vocab] with PRNG key: the Gumbel-max draw of `jax.random.categorical`
+    (the same noise, hence the same token), with the faster `first_argmax`."""
+    noise = jax.random.gumbel(key, logits.shape, logits.dtype)
+    return first_argmax((logits + noise)[None])[0]
+
+
 def row_keys(seeds, steps):
     """One PRNG key per row from its seed and its token index: the same seed gives the same draws in any batch."""
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(seeds, steps)
@@ -99,7 +119,7 @@ def sample(
     if flags.min_tokens:
         early = (steps < params.min_tokens)[:, None]
         logits = jnp.where(early & stop_mask[None, :], NEG_INF, logits)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
     tokens = greedy
     if flags.sample:
         temp = jnp.maximum(params.temperature, 1e-6)[:, None]
@@ -107,7 +127,7 @@ def sample(
         if flags.filters:
             scaled = filter_logits(scaled, params.top_k, params.top_p, params.min_p)
         keys = row_keys(params.seed, steps)
-        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        drawn = jax.vmap(gumbel_sample)(keys, scaled)
         tokens = jnp.where(params.temperature > 0, drawn, greedy)
     info = None
     if flags.logprobs:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxllm.engine.runner import flags_for, row_params
-from jaxllm.engine.sampling import SamplerFlags, apply_penalties, filter_logits, sample
+from jaxllm.engine.sampling import (
+    SamplerFlags,
+    apply_penalties,
+    filter_logits,
+    first_argmax,
+    gumbel_sample,
+    row_keys,
+    sample,
+)
 from jaxllm.errors import InvalidSamplingParamsError
 from jaxllm.sampling_params import SamplingParams
 
@@ -67,6 +76,25 @@ def test_penalties_change_logits_exactly_as_defined():
     # token 2: output x3, positive -> /2 then -0.25*3 - 0.5; token 3: output x1, negative -> *2 -0.25 -0.5;
     # token 4: unseen, bias +5.
     np.testing.assert_allclose(out[0], [1.0, -4.0, 0.5 - 0.75 - 0.5, -2.0 - 0.25 - 0.5, 5.5], atol=1e-6)
+
+
+def test_first_argmax_equals_argmax_with_ties_and_masked_rows():
+    rng = np.random.default_rng(2)
+    x = rng.integers(-3, 4, size=(16, 300)).astype(np.float32)  # many ties
+    x[3] = -np.inf  # a fully masked row picks token 0, as argmax does
+    x[4, :10] = -np.inf
+    got = np.asarray(first_argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, -1))
+    assert got.dtype == np.int32
+
+
+def test_gumbel_sample_draws_what_jax_random_categorical_draws():
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(32, 500)).astype(np.float32))
+    keys = row_keys(jnp.arange(32, dtype=jnp.uint32), jnp.full((32,), 5))
+    ours = jax.vmap(gumbel_sample)(keys, logits)
+    theirs = jax.vmap(jax.random.categorical)(keys, logits)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 def test_same_seed_same_draws_regardless_of_batch_neighbours():
