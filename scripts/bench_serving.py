@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from jaxllm.serving.launch import spawn_server
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -136,38 +137,12 @@ def offline_throughput(batch: int, prompt_len: int, tokens: int, max_len: int, s
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "jaxllm",
-        "serve",
-        "--port",
-        str(port),
-        "--max-seqs",
-        "32",
-        "--max-model-len",
-        str(args.max_model_len),
-        "--log-level",
-        "warning",
-        "--layers",
-        args.layers,
-        "--decode-steps",
-        str(args.decode_steps),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("error: the server did not become healthy")
+    serve_args = ["--max-seqs", "32", "--max-model-len", str(args.max_model_len), "--log-level", "warning"]
+    serve_args += ["--layers", args.layers, "--decode-steps", str(args.decode_steps)]
+    try:
+        return spawn_server(serve_args, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 async def warm(url, prompt_len, tokens):

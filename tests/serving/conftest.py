@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 
-import httpx
 import pytest
 import uvicorn
 
 from jaxllm import LLM
 from jaxllm.serving import create_app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from jaxllm.serving.launch import free_port, wait_until_healthy
 
 
 class RunningServer:
@@ -25,7 +17,7 @@ class RunningServer:
 
     def __init__(self, app):
         self.app = app
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -33,15 +25,8 @@ class RunningServer:
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the test server did not become healthy")
+        wait_until_healthy(self.url, alive=self.thread.is_alive)
+        return self
 
     def __exit__(self, *exc):
         self.server.should_exit = True

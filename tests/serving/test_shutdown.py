@@ -6,57 +6,45 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-from tests.serving.conftest import _free_port
+from jaxllm.serving.launch import spawn_server
 
 pytestmark = pytest.mark.slow
 
 
 def test_sigterm_finishes_running_requests_then_exits(tmp_path):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jaxllm",
-            "serve",
-            "--port",
-            str(port),
-            "--max-seqs",
-            "2",
-            "--max-model-len",
-            "512",
-            "--no-warmup",
-            "--shutdown-timeout",
-            "60",
-            "--page-size",
-            "32",
-            "--kv-cache-memory",
-            "0.05",
-            "--no-prefix-caching",
-            "--decode-steps",
-            "1",
-            "--layers",
-            "unrolled",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+        proc, url = spawn_server(
+            [
+                "--max-seqs",
+                "2",
+                "--max-model-len",
+                "512",
+                "--no-warmup",
+                "--shutdown-timeout",
+                "60",
+                "--page-size",
+                "32",
+                "--kv-cache-memory",
+                "0.05",
+                "--no-prefix-caching",
+                "--decode-steps",
+                "1",
+                "--layers",
+                "unrolled",
+            ],
+            timeout=180,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    except RuntimeError as e:
+        log.close()
+        raise AssertionError((tmp_path / "server.log").read_text()) from e
+    try:
         metrics = httpx.get(url + "/metrics").text
         assert "jaxllm_kv_cache_page_size_tokens 32.0" in metrics
         # The pool takes what 2 sequences of 512 tokens need (32 pages), within the 0.05 GiB budget (36).
