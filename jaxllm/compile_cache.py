@@ -13,15 +13,22 @@ MIN_COMPILE_SECONDS = 0.5  # cheaper executables are not worth a disk entry
 MAX_BYTES = 2 * 2**30  # least recently used entries are evicted beyond this
 
 
-def default_dir() -> Path | None:
-    """`$XDG_CACHE_HOME/jaxllm/xla` (default `~/.cache/jaxllm/xla`); None without a home directory."""
+def cache_root() -> Path | None:
+    """`$XDG_CACHE_HOME/jaxllm` (default `~/.cache/jaxllm`): compiled steps and built kernels; None
+    without a home directory."""
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # the XDG spec says to ignore a relative path
         try:
             base = Path.home() / ".cache"
         except (RuntimeError, KeyError):  # no HOME and no passwd entry (e.g. `docker run -u UID`)
             return None
-    return Path(base) / "jaxllm" / "xla"
+    return Path(base) / "jaxllm"
+
+
+def default_dir() -> Path | None:
+    """`cache_root()/xla` (default `~/.cache/jaxllm/xla`); None without a home directory."""
+    root = cache_root()
+    return root / "xla" if root is not None else None
 
 
 def enable(path: str | Path | None = None) -> Path | None:

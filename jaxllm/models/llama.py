@@ -28,8 +28,10 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_pages, v_pages, block_tables, ctx_lens):
-        """x [batch, seq, embed] -> (out [batch, seq, embed], k_new, v_new [batch, seq, kv_heads, head_dim])."""
+    def __call__(self, x, cos, sin, k_pages, v_pages, block_tables, ctx_lens, layer=None):
+        """x [batch, seq, embed] -> (out [batch, seq, embed], k_new, v_new [batch, seq, kv_heads, head_dim]).
+
+        k_pages, v_pages: this layer's pool, or the stacked cache read at `layer` (see `kernels.paged_attention`)."""
         c, dt = self.cfg, self.dtype
         d, h, kvh, hd, g = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_groups
         # q, k and v in one matmul, grouped by kv head ([g query heads, k, v] per kv head) so that
@@ -47,16 +49,17 @@ class Attention(nn.Module):
             q = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = kernels.paged_attention(q, k, v, k_pages, v_pages, block_tables, ctx_lens, c.sliding_window)
+        out = kernels.paged_attention(q, k, v, k_pages, v_pages, block_tables, ctx_lens, c.sliding_window, layer=layer)
         return jnp.einsum("bthk,hkd->btd", out, wo), k, v
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention + gated MLP block; the body of the layer scan.
 
-    The layer reads its own slice of the cache: slicing inside the scan body lets XLA read the
-    cache in place, where slicing the stacked cache before the scan costs a full copy per call.
-    It attends to the first `ctx_len` positions of each row's pages (static).
+    Under the scan the layer gets the whole stacked cache and its own index: the attention reads its
+    slice in place (the reference gathers from it, the native kernel indexes it), where a slice taken
+    before the layer would be a copy per call. It attends to the first `ctx_len` positions of each
+    row's pages (static).
     """
 
     cfg: ModelConfig
@@ -64,20 +67,24 @@ class DecoderLayer(nn.Module):
     ctx_len: int = 0
 
     @nn.compact
-    def __call__(self, x, shared, layer_cache):
+    def __call__(self, x, shared, cache, layer=None):
         """x [batch, seq, embed]; shared = (cos, sin, ctx_lens, block_tables [batch, n_pages]);
-        layer_cache = (k, v) [num_pages, page_size, kv_heads, head_dim] of this layer, or (None, None)."""
+        cache = (k, v): the stacked [layers, num_pages, page_size, kv_heads, head_dim] read at `layer`
+        ([] int32), or this layer's own [num_pages, page_size, kv_heads, head_dim] (layer None), or (None, None)."""
         cos, sin, ctx_lens, block_tables = shared
-        k_pages, v_pages = layer_cache
+        k_pages, v_pages = cache
         if self.ctx_len:
-            page_size = k_pages.shape[1]
+            page_size = k_pages.shape[-3]
             if self.ctx_len < page_size:  # one page per row (contiguous layout): read only its head
+                if layer is not None:
+                    k_pages, v_pages, layer = k_pages[layer], v_pages[layer], None
                 k_pages, v_pages = k_pages[:, : self.ctx_len], v_pages[:, : self.ctx_len]
             block_tables = block_tables[:, : -(-self.ctx_len // page_size)]
         c = self.cfg
         with jax.named_scope("attention"):
             h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="attn_norm")(x)
-            a, k, v = Attention(c, self.dtype, name="attn")(h, cos, sin, k_pages, v_pages, block_tables, ctx_lens)
+            attn = Attention(c, self.dtype, name="attn")
+            a, k, v = attn(h, cos, sin, k_pages, v_pages, block_tables, ctx_lens, layer)
             x = x + a
         with jax.named_scope("mlp"):
             h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="mlp_norm")(x)
@@ -118,11 +125,11 @@ class Transformer(nn.Module):
                 DecoderLayer,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, dt, layer_ctx, name="layers")
-            x, (k_new, v_new) = layers(x, shared, (k_cache, v_cache))
+            x, (k_new, v_new) = layers(x, shared, (k_cache, v_cache), jnp.arange(c.num_layers, dtype=jnp.int32))
         else:
             ks, vs = [], []
             for i in range(c.num_layers):

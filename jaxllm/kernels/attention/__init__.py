@@ -8,18 +8,19 @@ import os
 
 import jax
 
-from jaxllm.kernels.attention import reference
+from jaxllm.kernels.attention import native_decode, reference
 from jaxllm.kernels.attention.flash_prefill import flash_prefill_attention
 from jaxllm.kernels.attention.paged_decode import paged_decode_attention
 
 log = logging.getLogger(__name__)
-IMPLS = ("reference", "pallas", "pallas-interpret")
+IMPLS = ("reference", "pallas", "pallas-interpret", "native")
 
 
 def default_impl() -> str:
-    """$JAXLLM_ATTENTION when set (one of IMPLS), else 'pallas' on GPU and 'reference' elsewhere (Pallas
-    runs on the CPU only in interpret mode: 'pallas-interpret', for tests)."""
-    impl = os.environ.get("JAXLLM_ATTENTION") or ("pallas" if jax.default_backend() == "gpu" else "reference")
+    """$JAXLLM_ATTENTION when set (one of IMPLS), else 'pallas' on GPU and 'native' on the CPU (the C++
+    decode kernel, with the reference for prefill). Pallas runs on the CPU only in interpret mode:
+    'pallas-interpret', for tests."""
+    impl = os.environ.get("JAXLLM_ATTENTION") or ("pallas" if jax.default_backend() == "gpu" else "native")
     if impl not in IMPLS:
         raise ValueError(f"JAXLLM_ATTENTION={impl!r} is not one of {', '.join(IMPLS)}")
     return impl
@@ -37,20 +38,34 @@ def paged_attention(
     impl: str | None = None,
     *,
     interpret: bool = False,
+    layer=None,
 ):
     """Attention output [batch, seq, q_heads, head_dim]; arguments as in `reference.paged_attention`.
 
     q: [batch, seq, q_heads, head_dim]; k_new, v_new: [batch, seq, kv_heads, head_dim];
-    k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim] or None; block_tables: [batch, n_pages]
-    int32; ctx_lens: [batch] int32. impl: one of IMPLS (None: `default_impl()`); 'pallas' runs the
-    paged decode kernel when seq == 1 and the flash prefill kernel otherwise. interpret: run the Pallas
-    kernels in the interpreter (the only way on the CPU; 'pallas-interpret' implies it).
+    k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim], or the stacked cache [layers, num_pages,
+    page_size, kv_heads, head_dim] read at `layer` ([] int32), or None; block_tables: [batch, n_pages]
+    int32; ctx_lens: [batch] int32. impl: one of IMPLS (None: `default_impl()`); 'pallas' runs the paged
+    decode kernel when seq == 1 and the flash prefill kernel otherwise; 'native' runs the C++ kernel when
+    seq == 1 on float32 and the reference otherwise. interpret: run the Pallas kernels in the interpreter
+    (the only way on the CPU; 'pallas-interpret' implies it).
     """
     chosen = impl or os.environ.get("JAXLLM_ATTENTION")  # asked for by name: no fallback
     impl = impl or default_impl()
     if impl not in IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}: use one of {', '.join(IMPLS)}")
-    if impl == "reference":
+    if impl == "native" and k_pages is not None and q.shape[1] == 1 and (chosen or native_decode.available()):
+        try:
+            return native_decode.native_decode_attention(
+                q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window, layer
+            )
+        except ValueError as e:  # dtypes it does not take (raised while tracing)
+            if chosen:
+                raise
+            _warn_fallback("native", str(e))
+    if layer is not None and k_pages is not None:  # the others read one layer's pool
+        k_pages, v_pages = k_pages[layer], v_pages[layer]
+    if impl in ("reference", "native"):
         return reference.paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window)
     interpret = interpret or impl == "pallas-interpret"
     kernel = paged_decode_attention if q.shape[1] == 1 else flash_prefill_attention
@@ -61,10 +76,10 @@ def paged_attention(
     except ValueError as e:  # shapes the Triton lowering cannot take (raised while tracing, before any work)
         if chosen:
             raise
-        _warn_fallback(str(e))
+        _warn_fallback("Pallas", str(e))
         return reference.paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window)
 
 
 @functools.cache
-def _warn_fallback(reason: str) -> None:
-    log.warning("attention: the Pallas kernel cannot take these shapes (%s); using the reference", reason)
+def _warn_fallback(kernel: str, reason: str) -> None:
+    log.warning("attention: the %s kernel cannot take these inputs (%s); using the reference", kernel, reason)
