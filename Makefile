@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup setup-dev serve run test test-fast lint fmt bench bench-serving bench-kv gpu-check clean
+.PHONY: setup setup-dev serve run test test-fast lint fmt bench bench-serving bench-kv bench-attention gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,9 @@ bench-serving: setup-dev
 
 bench-kv: setup
 	$(BIN)/python scripts/bench_kv.py $(ARGS)
+
+bench-attention: setup
+	$(BIN)/python scripts/bench_decode_attention.py $(ARGS)
 
 gpu-check:
 	bash scripts/gpu_check.sh
