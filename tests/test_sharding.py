@@ -109,6 +109,18 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
         assert len(u_sharded["params"]["layers_1"]["mlp"]["down"].sharding.device_set) == 8
         u_run = lambda p: u.model.apply(p, tokens, pos, None, None, jnp.zeros((4,), jnp.int32))[0]
         np.testing.assert_allclose(np.asarray(jax.jit(u_run)(u_sharded)), ref, atol=1e-5)
+        # A decode step over the paged cache (on the CPU: the native attention kernel) sharded the same way.
+        from jaxllm.engine.kv_cache import KVCache
+        from jaxllm.models.registry import forward
+        tables = jnp.arange(16, dtype=jnp.int32).reshape(4, 4)
+        def decode(p):
+            _, cache = forward(m.model, p, tokens[:, :6], pos[:, :6], KVCache.zeros(m.config, 16, 4), tables,
+                               jnp.zeros((4,), jnp.int32), 0)
+            one = jnp.full((4, 1), 6)
+            return forward(m.model, p, tokens[:, 6:7], one, cache, tables, jnp.full((4,), 6, jnp.int32), 16)[0]
+        assert "jaxllm_paged_decode" in jax.jit(decode).lower(sharded).as_text()
+        np.testing.assert_allclose(np.asarray(jax.jit(decode)(sharded)), np.asarray(jax.jit(decode)(m.params)),
+                                   atol=1e-5)
         print("SHARDED-OK")
     """)
     env = {
