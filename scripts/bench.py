@@ -174,15 +174,23 @@ def write_section(begin: str, end: str, block: str) -> None:
     DOC.write_text(text)
 
 
-def write_doc(table: str, args) -> None:
+def write_report(begin: str, end: str, title: str, conditions: str, command: str, table: str) -> None:
+    """Write one benchmark's section: its title, when it ran and under which conditions (text that follows
+    "Run <time>"), the command that reproduces it, and its table."""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    block = (
-        f"{BEGIN}\n## Core engine: jaxllm vs transformers (CPU, float32)\n\n"
-        f"Run {stamp} on {os.cpu_count()} CPU cores, Python {platform.python_version()}; model `{args.model}`, "
-        f"{args.tokens} generated tokens, best of {args.repeats}; decode excludes the prefill.\n"
-        f"Command: `python scripts/bench.py --tokens {args.tokens} --repeats {args.repeats}`\n\n{table}\n{END}"
+    write_section(begin, end, f"{begin}\n## {title}\n\nRun {stamp}{conditions}\nCommand: `{command}`\n\n{table}\n{end}")
+
+
+def write_doc(table: str, args) -> None:
+    write_report(
+        BEGIN,
+        END,
+        "Core engine: jaxllm vs transformers (CPU, float32)",
+        f" on {os.cpu_count()} CPU cores, Python {platform.python_version()}; model `{args.model}`, "
+        f"{args.tokens} generated tokens, best of {args.repeats}; decode excludes the prefill.",
+        f"python scripts/bench.py --tokens {args.tokens} --repeats {args.repeats}",
+        table,
     )
-    write_section(BEGIN, END, block)
 
 
 def parse(argv):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import write_section  # noqa: E402
+from bench import write_report  # noqa: E402
 
 BEGIN, END = "<!-- bench:decode-attention -->", "<!-- /bench:decode-attention -->"
 IMPLS = ("reference", "native")
@@ -97,15 +97,16 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        block = (
-            f"{BEGIN}\n## Decode attention on the CPU: native kernel vs reference (SmolLM2-135M, float32)\n\n"
-            f"Run {stamp} on {os.cpu_count()} CPU cores; one compiled decode step of {args.batch} rows (layer "
-            f"scan, greedy), every row at the given context; best of {args.rounds} alternating medians of "
-            f"{args.steps} steps.\nCommand: `python scripts/bench_decode_attention.py --batch {args.batch} "
-            f"--contexts {','.join(map(str, args.contexts))} --rounds {args.rounds}`\n\n{table}\n{END}"
+        write_report(
+            BEGIN,
+            END,
+            "Decode attention on the CPU: native kernel vs reference (SmolLM2-135M, float32)",
+            f" on {os.cpu_count()} CPU cores; one compiled decode step of {args.batch} rows (layer scan, greedy), "
+            f"every row at the given context; best of {args.rounds} alternating medians of {args.steps} steps.",
+            f"python scripts/bench_decode_attention.py --batch {args.batch} "
+            f"--contexts {','.join(map(str, args.contexts))} --rounds {args.rounds}",
+            table,
         )
-        write_section(BEGIN, END, block)
     return 0
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench import write_section  # noqa: E402
+from bench import write_report  # noqa: E402
 
 BEGIN, END = "<!-- bench:kv -->", "<!-- /bench:kv -->"
 MAX_LEN = 1024
@@ -193,14 +193,14 @@ def main(argv=None) -> int:
     text = table(res, args)
     print(text)
     if not args.no_write:
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        write_section(
+        write_report(
             BEGIN,
             END,
-            f"{BEGIN}\n## KV cache: paged vs contiguous, prefix caching (CPU, float32, SmolLM2-135M)\n\n"
-            f"Run {stamp}; {args.tokens} generated tokens per request for decode, best of {args.repeats}.\n"
-            f"Command: `python scripts/bench_kv.py --tokens {args.tokens} --repeats {args.repeats} "
-            f"--budget-gib {args.budget_gib:g}`\n\n{text}\n{END}",
+            "KV cache: paged vs contiguous, prefix caching (CPU, float32, SmolLM2-135M)",
+            f"; {args.tokens} generated tokens per request for decode, best of {args.repeats}.",
+            f"python scripts/bench_kv.py --tokens {args.tokens} --repeats {args.repeats} "
+            f"--budget-gib {args.budget_gib:g}",
+            text,
         )
     return 0
 

@@ -32,7 +32,7 @@ from jaxllm.serving.launch import spawn_server
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench import write_section  # noqa: E402
+from bench import write_report  # noqa: E402
 
 BEGIN, END = "<!-- bench:serving -->", "<!-- /bench:serving -->"
 BURST = "8 clients, 256-token prompts, 1 burst"
@@ -195,16 +195,16 @@ def table(res: dict, args) -> str:
 
 
 def write_doc(text: str, args) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    block = (
-        f"{BEGIN}\n## Serving: concurrent streaming clients (CPU, float32, SmolLM2-135M)\n\n"
-        f"Run {stamp} on {os.cpu_count()} CPU cores; {args.tokens} output tokens per request, prompts of "
-        f"{args.prompt_len} tokens unless stated; streaming `/v1/completions` over loopback.\n"
-        f"Command: `python scripts/bench_serving.py --tokens {args.tokens} --rounds {args.rounds} "
-        f"--rate {args.rate} --stagger {args.stagger} --decode-steps {args.decode_steps} "
-        f"--layers {args.layers} --pairs {args.pairs}`\n\n{text}\n{END}"
+    write_report(
+        BEGIN,
+        END,
+        "Serving: concurrent streaming clients (CPU, float32, SmolLM2-135M)",
+        f" on {os.cpu_count()} CPU cores; {args.tokens} output tokens per request, prompts of {args.prompt_len} "
+        "tokens unless stated; streaming `/v1/completions` over loopback.",
+        f"python scripts/bench_serving.py --tokens {args.tokens} --rounds {args.rounds} --rate {args.rate} "
+        f"--stagger {args.stagger} --decode-steps {args.decode_steps} --layers {args.layers} --pairs {args.pairs}",
+        text,
     )
-    write_section(BEGIN, END, block)
 
 
 def main(argv=None) -> int:
