@@ -45,7 +45,12 @@ fmt: setup-dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: setup-dev
+# llama-cpp-python compiles llama.cpp for this CPU (GGML_NATIVE): minutes, once.
+.stamp-bench: .stamp-dev
+	$(BIN)/pip install -q -e ".[bench]"
+	touch $@
+
+bench: .stamp-bench
 	$(BIN)/python scripts/bench.py $(ARGS)
 
 bench-serving: setup-dev
@@ -61,4 +66,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) .stamp-setup .stamp-dev
+	rm -rf $(VENV) .stamp-setup .stamp-dev .stamp-bench

@@ -12,7 +12,7 @@ from jaxllm.chat_template import render_chat
 from jaxllm.engine.engine import Engine
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.errors import InvalidRequestError
-from jaxllm.loading.load import LoadedModel, load_model
+from jaxllm.loading.load import LoadedModel, LoadOptions, load_model
 from jaxllm.outputs import CompletionOutput, RequestOutput, StreamDelta
 from jaxllm.sampling_params import SamplingParams
 
@@ -33,6 +33,10 @@ class LLM:
     scan_layers: run the layers under one compiled scan (the default: each step compiles ~3x faster)
     or unrolled (False: decodes faster on the CPU, for long offline runs over few shapes); with `loaded=`,
     the loaded model's layout is used.
+    quant: quantize float weights while loading ('int8', 'int4' (group 32), 'int4-g64', 'int4-g128',
+    'int4-sym', 'fp8'); a .gguf file is kept in its own quantized formats unless `dequantize=True` or a
+    `dtype` is given. quant_embeddings: under `quant`, quantize the embedding and LM head too.
+    `weight_bytes` says how many bytes the weights take on the device.
     """
 
     def __init__(
@@ -50,12 +54,16 @@ class LLM:
         kv_cache_memory: float | None = None,
         prefix_caching: bool = True,
         scan_layers: bool = True,
+        quant: str | None = None,
+        dequantize: bool | None = None,
+        quant_embeddings: bool = False,
         progress: bool = True,
         loaded: LoadedModel | None = None,
     ):
+        options = LoadOptions(quant, dtype is not None if dequantize is None else dequantize, quant_embeddings)
         dtype = dtype or default_dtype()
         self.loaded = loaded or load_model(
-            model, dtype, chat_template=chat_template, progress=progress, scan_layers=scan_layers
+            model, dtype, chat_template=chat_template, progress=progress, scan_layers=scan_layers, options=options
         )
         self.config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.max_model_len = max_model_len or min(self.config.max_position_embeddings, 8192)
@@ -71,6 +79,11 @@ class LLM:
             kv_cache_memory=kv_cache_memory,
             prefix_caching=prefix_caching,
         )
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the model's weights take on the device(s), quantized or not."""
+        return self.loaded.weight_bytes
 
     # ---- prompts --------------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:

@@ -1,4 +1,5 @@
-"""The `jaxllm` command: `generate` (one prompt or a JSONL batch), `run` (a chat REPL) and `bench`.
+"""The `jaxllm` command: `generate` (one prompt or a JSONL batch), `run` (a chat REPL), `serve`, `perplexity`
+and `bench`.
 
 Every error jaxllm raises on purpose is printed as one `error: ...` line on stderr with exit status 2.
 Arguments and JSONL requests are validated before the model is loaded, so mistakes fail fast.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from jaxllm import compile_cache
 from jaxllm.chat_template import validate_messages
+from jaxllm.cli_options import add_quant_arguments, load_options
 from jaxllm.errors import InvalidRequestError, JaxLLMError
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.serving import serve_command
@@ -40,11 +42,15 @@ def _load(args):
     from jaxllm.api import LLM
 
     compile_cache.enable()
+    opts = load_options(args)
     return LLM(
         args.model,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         chat_template=getattr(args, "chat_template", None),
+        quant=opts.quant,
+        dequantize=opts.dequantize,
+        quant_embeddings=opts.quant_embeddings,
     )
 
 
@@ -206,6 +212,28 @@ def cmd_run(args) -> int:
         history += [messages[-1], {"role": "assistant", "content": "".join(parts)}]
 
 
+# ---- perplexity ----------------------------------------------------------------------------------
+def cmd_perplexity(args) -> int:
+    """Perplexity of the model over a text file in fixed windows, printed as one line (and JSON with --json)."""
+    from jaxllm.eval.perplexity import perplexity, read_text_ids
+    from jaxllm.loading.load import load_model
+
+    if not Path(args.file).is_file():
+        raise InvalidRequestError(f"cannot read {args.file}: no such file")
+    compile_cache.enable()
+    loaded = load_model(args.model, progress=False, options=load_options(args))
+    res = perplexity(loaded, read_text_ids(loaded.tokenizer, args.file), args.window, args.stride)
+    weights = loaded.weight_bytes / 2**20
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(res), "model": loaded.name, "weight_mib": weights}))
+    else:
+        print(
+            f"perplexity {res.perplexity:.4f} (mean NLL {res.mean_nll:.4f}) over {res.tokens_scored} tokens in "
+            f"{res.windows} windows of {args.window}; weights {weights:.1f} MiB"
+        )
+    return 0
+
+
 # ---- bench ---------------------------------------------------------------------------------------
 def cmd_bench(argv: list[str]) -> int:
     """Run scripts/bench.py's main(argv) from the source checkout."""
@@ -238,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--chat-template", default=None, metavar="FILE", help="a .jinja chat template to use")
     common.add_argument("--max-tokens", type=int, default=None)
     common.add_argument("--temperature", type=float, default=None)
+    add_quant_arguments(common)
 
     parser = argparse.ArgumentParser(prog="jaxllm", description="A JAX/XLA inference engine for LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,run,serve,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,run,serve,perplexity,bench}")
     gen = sub.add_parser("generate", parents=[common], help="complete one prompt or a JSONL batch")
     gen.add_argument("prompt", nargs="?", default=None, metavar="PROMPT")
     for flag, typ in (("--top-p", float), ("--top-k", int), ("--min-p", float), ("--seed", int)):
@@ -254,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
     run.set_defaults(func=cmd_run)
     serve_command.add_parser(sub, _positive)
+    ppl = sub.add_parser("perplexity", help="perplexity over a text file in fixed windows")
+    ppl.add_argument("--model", default=None, help="alias, .gguf, HF folder or hub id (default smollm2)")
+    ppl.add_argument("--file", required=True, metavar="TEXT", help="a UTF-8 text file")
+    ppl.add_argument("--window", type=_positive, default=512, help="tokens per window (default 512)")
+    ppl.add_argument("--stride", type=_positive, default=None, help="tokens between window starts (default: window)")
+    ppl.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_quant_arguments(ppl)
+    ppl.set_defaults(func=cmd_perplexity)
     sub.add_parser("bench", help="run scripts/bench.py (all arguments go to it)", add_help=False)
     return parser
 

@@ -50,3 +50,7 @@ class EngineShutdownError(JaxLLMError):
 
 class ModelMismatchError(JaxLLMError):
     """A request names a model this server does not serve."""
+
+
+class QuantizationError(JaxLLMError, ValueError):
+    """A quantization scheme is unknown or cannot apply to this model's weights."""

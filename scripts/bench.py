@@ -1,12 +1,15 @@
-"""Offline benchmark: jaxllm against transformers on the same weights, in one run, on this machine.
+"""Offline benchmark: jaxllm's weight modes against transformers and llama.cpp on the same weights, in one run.
 
-Each engine runs in its own subprocess (so that peak memory is its own), one after the other.
+jaxllm runs once per weight mode (--modes): `f32` (the GGUF dequantized to float32), `gguf` (its blocks
+kept quantized), and in-situ quantization `int8`, `int4` (group 32), `fp8` of the float weights. The peers
+are transformers (float32) and llama.cpp (llama-cpp-python on the same GGUF; `make bench` builds it for
+this CPU). Each engine and mode runs in its own subprocess (so that peak memory is its own), one after the other.
 Decode speed is measured as (tokens - 1) / (time for `tokens` - time for 1 token), which takes the
 prefill out; every time is the best of --repeats runs, for both engines alike: the machine is shared,
 and the fastest run is the one least disturbed by neighbours. Results are printed and written into
 docs/benchmarks.md between the `bench:core` markers.
 
-    python scripts/bench.py [--model smollm2] [--tokens 64] [--repeats 3] [--no-transformers]
+    python scripts/bench.py [--model smollm2] [--tokens 64] [--repeats 3] [--modes f32,gguf] [--peers llama.cpp]
 """
 
 from __future__ import annotations
@@ -49,12 +52,27 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+MODES = {  # --modes name -> LLM keyword arguments
+    "f32": dict(dequantize=True),
+    "gguf": dict(dequantize=False),
+    "int8": dict(quant="int8"),
+    "int4": dict(quant="int4"),
+    "fp8": dict(quant="fp8"),
+}
+PEERS = ("transformers", "llama.cpp")
+
+
+def _mode_kwargs(mode: str) -> dict:
+    """LLM keyword arguments of a mode: one of MODES, or any other ISQ scheme name ('int4-g64', ...)."""
+    return MODES.get(mode) or dict(quant=mode)
+
+
 def worker_jaxllm(args) -> dict:
     from jaxllm import LLM, SamplingParams
 
     t = time.perf_counter()
     # The same prompts run again and again here: with prefix caching they would skip their prefill.
-    llm = LLM(args.model, progress=False, prefix_caching=False)
+    llm = LLM(args.model, progress=False, prefix_caching=False, **_mode_kwargs(args.mode))
     load_s = time.perf_counter() - t
     prompts = [
         llm.tokenizer.encode(llm.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
@@ -64,7 +82,7 @@ def worker_jaxllm(args) -> dict:
     t = time.perf_counter()
     llm.generate(prompts[0], fixed(8), use_tqdm=False)
     first_s = time.perf_counter() - t
-    out = {"load_s": load_s, "first_call_s": first_s}
+    out = {"load_s": load_s, "first_call_s": first_s, "weight_mib": llm.weight_bytes / 2**20}
     for b in args.batches:
         batch = [prompts[i % len(prompts)] for i in range(b)]
 
@@ -125,6 +143,44 @@ def worker_transformers(args) -> dict:
     return out
 
 
+def worker_llama_cpp(args) -> dict:
+    """llama.cpp through llama-cpp-python on the same GGUF file, greedy, one sequence, all cores."""
+    from llama_cpp import Llama
+
+    from jaxllm.loading.resolve import resolve_model
+
+    files = resolve_model(args.model)
+    if files.kind != "gguf":
+        raise SystemExit("llama.cpp runs GGUF files only")
+    t = time.perf_counter()
+    llm = Llama(model_path=str(files.path), n_ctx=1024, n_batch=512, n_threads=os.cpu_count(), verbose=False)
+    load_s = time.perf_counter() - t
+    prompt = llm.tokenize(QUESTIONS[0].encode())
+
+    def decode(n):
+        llm.reset()
+        llm.eval(prompt)
+        for _ in range(n):
+            llm.eval([llm.sample(temp=0.0)])
+
+    t = time.perf_counter()
+    decode(8)
+    out = {"load_s": load_s, "first_call_s": time.perf_counter() - t, "weight_mib": files.path.stat().st_size / 2**20}
+    t_n = _best_time(lambda: decode(args.tokens), args.repeats)
+    t_1 = _best_time(lambda: decode(1), args.repeats)
+    out["decode_b1_tps"] = (args.tokens - 1) / (t_n - t_1)
+    long = [(7 * i) % 30000 + 100 for i in range(512)]
+
+    def prefill():
+        llm.reset()
+        llm.eval(long)
+
+    prefill()
+    out["prefill512_s"] = _best_time(prefill, args.repeats)
+    out["peak_rss_gib"] = _peak_rss_gib()
+    return out
+
+
 def _run_worker(name: str, argv: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, *argv]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -135,31 +191,32 @@ def _run_worker(name: str, argv: list[str]) -> dict:
 
 
 def _table(res: dict, args) -> str:
-    j, h = res["jaxllm"], res.get("transformers")
+    """One column per jaxllm mode and peer, then the ratios the targets are stated in."""
+    cols = [(f"jaxllm {m}", res[f"jaxllm-{m}"]) for m in args.modes] + [(p, res[p]) for p in args.peers]
     rows = [("first call (load excluded; compile for jaxllm)", "first_call_s", "s"), ("model load", "load_s", "s")]
+    rows += [("weights (device; llama.cpp: file)", "weight_mib", "MiB")]
     rows += [(f"decode, batch {b} (aggregate)", f"decode_b{b}_tps", "tok/s") for b in args.batches]
     rows += [("prefill, 512-token prompt", "prefill512_s", "s"), ("peak memory (RSS)", "peak_rss_gib", "GiB")]
-    lines = ["| metric | jaxllm | transformers | jaxllm / transformers |", "|---|---|---|---|"]
+    lines = ["| metric | " + " | ".join(n for n, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, key, unit in rows:
-        jv = j.get(key)
-        hv = h.get(key) if h else None
-        ratio = f"{jv / hv:.2f}×" if hv and jv is not None else "—"
-        fmt = lambda v, unit=unit: f"{v:.2f} {unit}" if v is not None else "—"
-        lines.append(f"| {label} | {fmt(jv)} | {fmt(hv)} | {ratio} |")
-    if h and "decode_b1_tps" in h:
-        lines.append("")
-        for b in args.batches:
-            if b > 1:
-                lines.append(
-                    f"- jaxllm batch-{b} aggregate / transformers batch-1: "
-                    f"**{j[f'decode_b{b}_tps'] / h['decode_b1_tps']:.1f}×**"
-                )
-        lines.append(
-            f"- jaxllm batch-1 decode / transformers batch-1: **{j['decode_b1_tps'] / h['decode_b1_tps']:.2f}×**"
-        )
-        lines.append(
-            f"- prefill-512, transformers time / jaxllm time: **{h['prefill512_s'] / j['prefill512_s']:.2f}×**"
-        )
+        cells = [f"{r[key]:.2f} {unit}" if r.get(key) is not None else "—" for _, r in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    ratio = lambda a, b, key, inv=False: (
+        (a[key] / b[key] if not inv else b[key] / a[key]) if a.get(key) and b.get(key) else None
+    )
+    f32, gguf = res.get("jaxllm-f32"), res.get("jaxllm-gguf")
+    notes = []
+    if gguf and "llama.cpp" in res:
+        notes.append(("jaxllm gguf batch-1 decode / llama.cpp batch-1", ratio(gguf, res["llama.cpp"], "decode_b1_tps")))
+    if gguf and f32:
+        big = max(args.batches)
+        notes.append((f"jaxllm gguf / f32, batch-{big} aggregate", ratio(gguf, f32, f"decode_b{big}_tps")))
+        notes.append(("prefill-512, f32 time / gguf time", ratio(gguf, f32, "prefill512_s", inv=True)))
+        notes.append(("peak RSS, gguf / f32", ratio(gguf, f32, "peak_rss_gib")))
+    if f32 and "transformers" in res:
+        notes.append(("jaxllm f32 batch-1 decode / transformers", ratio(f32, res["transformers"], "decode_b1_tps")))
+    lines += [f"- {label}: **{v:.2f}×**" for label, v in notes if v is not None]
     return "\n".join(lines)
 
 
@@ -185,10 +242,11 @@ def write_doc(table: str, args) -> None:
     write_report(
         BEGIN,
         END,
-        "Core engine: jaxllm vs transformers (CPU, float32)",
+        "Core engine: jaxllm weight modes vs transformers and llama.cpp (CPU)",
         f" on {os.cpu_count()} CPU cores, Python {platform.python_version()}; model `{args.model}`, "
         f"{args.tokens} generated tokens, best of {args.repeats}; decode excludes the prefill.",
-        f"python scripts/bench.py --tokens {args.tokens} --repeats {args.repeats}",
+        f"python scripts/bench.py --tokens {args.tokens} --repeats {args.repeats} --modes {','.join(args.modes)} "
+        f"--peers {','.join(args.peers) or 'none'}",
         table,
     )
 
@@ -200,12 +258,31 @@ def parse(argv):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--hf-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1])
-    p.add_argument("--no-transformers", action="store_true", help="measure jaxllm only")
+    names = lambda s: [x for x in s.split(",") if x and x != "none"]
+    p.add_argument(
+        "--modes", type=names, default=list(MODES), help=f"jaxllm weight modes: {','.join(MODES)} or an ISQ scheme"
+    )
+    p.add_argument("--quant", default=None, metavar="Q", help="measure only this ISQ scheme (same as --modes Q)")
+    p.add_argument("--peers", type=names, default=list(PEERS), help="transformers,llama.cpp (or none)")
     p.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
-    p.add_argument("--worker", choices=["jaxllm", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["jaxllm", *PEERS], help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="gguf", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tokens < 2 or args.repeats < 1:
         p.error("--tokens must be >= 2 and --repeats >= 1")
+    if args.quant:
+        args.modes = [args.quant]
+    from jaxllm.errors import QuantizationError
+    from jaxllm.quant.isq import parse_scheme
+
+    for mode in args.modes:
+        try:
+            _ = mode in MODES or parse_scheme(mode)
+        except QuantizationError as e:
+            p.error(f"mode {mode!r}: {e}")
+    unknown = [x for x in args.peers if x not in PEERS]
+    if unknown:
+        p.error(f"unknown peer {unknown[0]!r}: the peers are {', '.join(PEERS)}")
     return args
 
 
@@ -213,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     if args.worker:
-        fn = worker_jaxllm if args.worker == "jaxllm" else worker_transformers
-        print(json.dumps(fn(args)))
+        fn = {"jaxllm": worker_jaxllm, "transformers": worker_transformers, "llama.cpp": worker_llama_cpp}
+        print(json.dumps(fn[args.worker](args)))
         return 0
     passthrough = [
         "--model",
@@ -228,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         "--hf-batches",
         ",".join(map(str, args.hf_batches)),
     ]
-    res = {"jaxllm": _run_worker("jaxllm", passthrough)}
-    if not args.no_transformers:
-        res["transformers"] = _run_worker("transformers", passthrough)
+    res = {f"jaxllm-{m}": _run_worker("jaxllm", [*passthrough, "--mode", m]) for m in args.modes}
+    for peer in args.peers:
+        res[peer] = _run_worker(peer, passthrough)
     table = _table(res, args)
     print(table)
     if not args.no_write:

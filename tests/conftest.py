@@ -126,7 +126,7 @@ def smollm2_path():
 def smollm2(smollm2_path):
     from jaxllm import LLM
 
-    return LLM(str(smollm2_path), progress=False)
+    return LLM(str(smollm2_path), dequantize=True, progress=False)  # float: compared with transformers
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +139,37 @@ def hf_smollm2(smollm2_path):
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, **kw)
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype=torch.float32, **kw)
     return model.eval(), tok
+
+
+def requantize_gguf(src, dst, type_name: str):
+    """Copy a GGUF file with every Q4_1 tensor requantized to `type_name` through the `gguf` package."""
+    import gguf
+    from gguf import quants
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    for t in reader.tensors:
+        if t.tensor_type.name == "Q4_1":
+            rows = quants.dequantize(t.data, t.tensor_type)
+            writer.add_tensor(t.name, quants.quantize(rows, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_q8_0(smollm2_path, tmp_path_factory):
+    """The packaged SmolLM2 with its Q4_1 tensors requantized to Q8_0 (a GGUF written here)."""
+    dst = tmp_path_factory.mktemp("gguf") / "SmolLM2-135M-Instruct.Q8_0.gguf"
+    requantize_gguf(smollm2_path, dst, "Q8_0")
+    return dst

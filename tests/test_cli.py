@@ -115,7 +115,7 @@ def test_malformed_jsonl_line(tmp_path, bad_line, word):
 def test_bench_reaches_the_benchmark_script():
     proc = jaxllm("bench", "--help")
     assert proc.returncode == 0, proc.stderr
-    assert "--no-transformers" in proc.stdout
+    assert "--modes" in proc.stdout and "--quant" in proc.stdout
     proc = jaxllm("bench", "--tokens", "1")
     assert proc.returncode == 2 and "--tokens must be >= 2" in proc.stderr and "Traceback" not in proc.stderr
 

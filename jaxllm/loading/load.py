@@ -5,27 +5,48 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from jaxllm.chat_template import read_template_file
 from jaxllm.config import ModelConfig, config_from_gguf_metadata, load_hf_config
-from jaxllm.loading.gguf_file import GGUFFile
+from jaxllm.loading.gguf_file import GGUFFile, gguf_names
 from jaxllm.loading.hf_folder import SafetensorsReader
+from jaxllm.loading.quant_plan import gguf_plan, isq_plan
 from jaxllm.loading.resolve import ModelFiles, resolve_model
 from jaxllm.loading.weights import assemble_params
-from jaxllm.models.registry import build_model, param_shapes
+from jaxllm.models.registry import build_model, describe_params, param_shapes
+from jaxllm.quant import isq
+from jaxllm.quant.plan import QuantPlan
 from jaxllm.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
 class LoadedModel:
-    """What a loader produces: enough to run and to talk to the model."""
+    """What a loader produces: enough to run and to talk to the model. `quant` names what is stored quantized."""
 
     name: str
     config: ModelConfig
     model: object
     params: dict
     tokenizer: Tokenizer
+    quant: QuantPlan = dataclasses.field(default_factory=QuantPlan)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every param array resident on the device(s)."""
+        return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(self.params))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How to store the weights. quant: an ISQ scheme ('int8', 'int4', 'int4-g64', 'int4-asym', 'fp8', ...)
+    applied while loading; dequantize: load a GGUF file's quantized tensors as float (by default they are
+    kept in their block formats); quant_embeddings: quantize the embedding and LM head too under ISQ."""
+
+    quant: str | None = None
+    dequantize: bool = False
+    quant_embeddings: bool = False
 
 
 def load_model(
@@ -34,22 +55,40 @@ def load_model(
     chat_template: str | Path | None = None,
     progress: bool = True,
     scan_layers: bool = True,
+    options: LoadOptions = LoadOptions(),
 ) -> LoadedModel:
     """Load a model from an alias ('smollm2'), a .gguf file, a Hugging Face folder or hub id.
 
-    scan_layers: stacked params under a layer scan, or per-layer params run unrolled (see
-    `jaxllm.models.registry.build_model`)."""
+    dtype: the float params' and activations' dtype. scan_layers: stacked params under a layer scan, or
+    per-layer params run unrolled (see `jaxllm.models.registry.build_model`). options: quantization
+    (`LoadOptions`); a .gguf file is kept quantized unless `options.dequantize` or an ISQ scheme is given.
+    """
+    scheme = isq.parse_scheme(options.quant) if options.quant else None
     files = resolve_model(ref)
     if files.kind == "gguf":
-        cfg, model, params, tok = _load_gguf(files, dtype, progress, scan_layers)
+        cfg, reader, tok = _open_gguf(files)
     else:
-        cfg, model, params, tok = _load_hf(files, dtype, progress, scan_layers)
+        cfg, reader, tok = _open_hf(files)
+    params_desc = describe_params(cfg)
+    read_rows = None
+    if scheme is not None:
+        plan = isq_plan(scheme, params_desc, cfg, options.quant_embeddings)
+        read_rows = lambda name: isq.quantize(reader.read(name), scheme)
+    elif files.kind == "gguf" and not options.dequantize:
+        plan = gguf_plan(reader, params_desc, cfg)
+        read_rows = reader.read_rows
+    else:
+        plan = QuantPlan()
+    model = build_model(cfg, dtype, scan_layers, plan or None)
+    params = assemble_params(
+        cfg, param_shapes(model), params_desc, reader.read, dtype, read_rows, progress, f"loading {files.name}"
+    )
     if chat_template is not None:
         tok.chat_template = read_template_file(chat_template)
-    return LoadedModel(files.name, cfg, model, params, tok)
+    return LoadedModel(files.name, cfg, model, params, tok, plan)
 
 
-def _load_hf(files: ModelFiles, dtype, progress, scan_layers):
+def _open_hf(files: ModelFiles):
     cfg = load_hf_config(files.path)
     reader = SafetensorsReader(files.path)
     if not reader.has("lm_head.weight") and not cfg.tie_word_embeddings:
@@ -57,17 +96,13 @@ def _load_hf(files: ModelFiles, dtype, progress, scan_layers):
     tok = Tokenizer.from_hf_folder(files.path)
     if tok.eos_id is not None and tok.eos_id not in cfg.eos_token_ids:
         cfg = dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + (tok.eos_id,))
-    model = build_model(cfg, dtype, scan_layers)
-    params = assemble_params(cfg, param_shapes(model), reader.read, dtype, progress, f"loading {files.name}")
-    return cfg, model, params, tok
+    return cfg, reader, tok
 
 
-def _load_gguf(files: ModelFiles, dtype, progress, scan_layers):
+def _open_gguf(files: ModelFiles):
     gguf = GGUFFile(files.path)
     cfg = config_from_gguf_metadata(gguf.metadata)
+    gguf.use_names(gguf_names(describe_params(cfg)))
     if not gguf.has("lm_head.weight"):
         cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
-    tok = Tokenizer.from_gguf_metadata(gguf.metadata)
-    model = build_model(cfg, dtype, scan_layers)
-    params = assemble_params(cfg, param_shapes(model), gguf.read, dtype, progress, f"loading {files.name}")
-    return cfg, model, params, tok
+    return cfg, gguf, Tokenizer.from_gguf_metadata(gguf.metadata)

@@ -9,13 +9,49 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxllm import quant
 from jaxllm.config import ModelConfig
+from jaxllm.models.describe import Param
+from jaxllm.quant.format import QuantizedWeight
+from jaxllm.quant.plan import QuantPlan
+from jaxllm.quant.rows import Format
 
 
 def param(module: nn.Module, name: str, shape, axes: tuple[str, ...], init=None, dtype=jnp.float32):
     """A parameter with logical axis names attached (the single description of that array)."""
     init = init or nn.initializers.normal(0.02)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def weight(module: nn.Module, p: Param, cfg: ModelConfig, plan: QuantPlan | None, dtype=jnp.float32):
+    """The weight `p` describes: a float array in its float layout, or the `QuantizedWeight` [N, K] the plan
+    asks for (N over p's out dims, K over its in dims). Either goes to `quant.einsum` / `quant.take`."""
+    ins, outs = p.in_dims(cfg), p.out_dims(cfg)
+    fmt = plan.get(p.path) if plan else None
+    if fmt is None:
+        if p.kind == "embedding":
+            return param(module, p.path[-1], outs + ins, p.out_axes + p.in_axes, dtype=dtype)
+        return param(module, p.path[-1], ins + outs, p.in_axes + p.out_axes, dtype=dtype)
+    return module.param(p.path[-1], _quantized_init(fmt, ins, outs, (p.out_axes[0], p.in_axes[0])))
+
+
+def _quantized_init(fmt: Format, ins: tuple[int, ...], outs: tuple[int, ...], names: tuple[str | None, str | None]):
+    """An initializer of a `QuantizedWeight` of zeros with logical axes on every array (for shapes and shardings).
+
+    N takes the name of the first out dim and K that of the first in dim: both are the major dims of their
+    flattening, so splitting N or K into contiguous shards splits those logical dims."""
+    n, k = math.prod(outs), math.prod(ins)
+    group = fmt.group_for(k)
+    q_dtype = {"int8": jnp.int8, "uint4": jnp.uint8, "fp8": jnp.float8_e4m3fn}[fmt.kind]
+    q_k = k // 2 if fmt.kind == "uint4" else k
+
+    def init(_rng):
+        box = lambda a: nn.Partitioned(a, names)
+        offset = box(jnp.zeros((n, k // group), jnp.float32)) if fmt.offset else None
+        scale = box(jnp.ones((n, k // group), jnp.float32))
+        return QuantizedWeight(box(jnp.zeros((n, q_k), q_dtype)), scale, offset, fmt.kind, group, ins, outs)
+
+    return init
 
 
 class RMSNorm(nn.Module):
@@ -71,16 +107,20 @@ def apply_rope(x, cos, sin):
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); x [batch, seq, embed]."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); x [batch, seq, embed].
+
+    gate_up and down are described by `params` (the family's `Param`s for 'gate_up' and 'down'); gate and
+    up run as one matmul: fewer, larger dots read the weights faster on every backend."""
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    quant: QuantPlan | None = None
+    params: tuple[Param, Param] | None = None
 
     @nn.compact
     def __call__(self, x):
-        d, f = self.cfg.hidden_size, self.cfg.intermediate_size
-        # gate and up in one matmul: fewer, larger dots read the weights faster on every backend.
-        gate_up = param(self, "gate_up", (d, 2, f), ("embed", None, "mlp"), dtype=self.dtype)
-        down = param(self, "down", (f, d), ("mlp", "embed"), dtype=self.dtype)
-        gu = jnp.einsum("btd,dcf->btcf", x, gate_up)
-        return (nn.silu(gu[:, :, 0]) * gu[:, :, 1]) @ down
+        p_gate_up, p_down = self.params
+        gate_up = weight(self, p_gate_up, self.cfg, self.quant, self.dtype)
+        down = weight(self, p_down, self.cfg, self.quant, self.dtype)
+        gu = quant.einsum("btd,dcf->btcf", x, gate_up).astype(self.dtype)
+        return quant.einsum("btf,fd->btd", nn.silu(gu[:, :, 0]) * gu[:, :, 1], down).astype(self.dtype)

@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxllm import kernels
+from jaxllm import kernels, quant
 from jaxllm.config import ModelConfig
-from jaxllm.models.layers import GatedMLP, RMSNorm, apply_rope, param, rope_cos_sin, rope_inv_freq
+from jaxllm.models.layers import GatedMLP, RMSNorm, apply_rope, param, rope_cos_sin, rope_inv_freq, weight
+from jaxllm.models.llama_weights import W
+from jaxllm.quant.plan import QuantPlan
 
 
 class Attention(nn.Module):
@@ -26,6 +28,7 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    quant: QuantPlan | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, k_pages, v_pages, block_tables, ctx_lens, layer=None):
@@ -33,12 +36,12 @@ class Attention(nn.Module):
 
         k_pages, v_pages: this layer's pool, or the stacked cache read at `layer` (see `kernels.paged_attention`)."""
         c, dt = self.cfg, self.dtype
-        d, h, kvh, hd, g = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_groups
+        h, kvh, hd, g = c.num_heads, c.num_kv_heads, c.head_dim, c.num_groups
         # q, k and v in one matmul, grouped by kv head ([g query heads, k, v] per kv head) so that
         # sharding over kv heads keeps each group whole.
-        wqkv = param(self, "qkv", (d, kvh, g + 2, hd), ("embed", "kv_heads", None, "head_dim"), dtype=dt)
-        wo = param(self, "o", (h, hd, d), ("q_heads", "head_dim", "embed"), dtype=dt)
-        qkv = jnp.einsum("btd,dkgh->btkgh", x, wqkv)
+        wqkv = weight(self, W[("layers", "attn", "qkv")], c, self.quant, dt)
+        wo = weight(self, W[("layers", "attn", "o")], c, self.quant, dt)
+        qkv = quant.einsum("btd,dkgh->btkgh", x, wqkv).astype(dt)
         if c.attention_bias:
             bias = param(self, "qkv_bias", (kvh, g + 2, hd), ("kv_heads", None, "head_dim"), nn.initializers.zeros, dt)
             qkv = qkv + bias
@@ -50,7 +53,7 @@ class Attention(nn.Module):
             k = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = kernels.paged_attention(q, k, v, k_pages, v_pages, block_tables, ctx_lens, c.sliding_window, layer=layer)
-        return jnp.einsum("bthk,hkd->btd", out, wo), k, v
+        return quant.einsum("bthk,hkd->btd", out, wo).astype(dt), k, v
 
 
 class DecoderLayer(nn.Module):
@@ -65,6 +68,7 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     ctx_len: int = 0
+    quant: QuantPlan | None = None
 
     @nn.compact
     def __call__(self, x, shared, cache, layer=None):
@@ -83,12 +87,13 @@ class DecoderLayer(nn.Module):
         c = self.cfg
         with jax.named_scope("attention"):
             h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="attn_norm")(x)
-            attn = Attention(c, self.dtype, name="attn")
+            attn = Attention(c, self.dtype, self.quant, name="attn")
             a, k, v = attn(h, cos, sin, k_pages, v_pages, block_tables, ctx_lens, layer)
             x = x + a
         with jax.named_scope("mlp"):
             h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="mlp_norm")(x)
-            x = x + GatedMLP(c, self.dtype, name="mlp")(h)
+            mlp_params = (W[("layers", "mlp", "gate_up")], W[("layers", "mlp", "down")])
+            x = x + GatedMLP(c, self.dtype, self.quant, mlp_params, name="mlp")(h)
         return x, (k, v)
 
 
@@ -98,6 +103,7 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = True
+    quant: QuantPlan | None = None
 
     @nn.compact
     def __call__(
@@ -114,8 +120,8 @@ class Transformer(nn.Module):
         Returns (logits, (k_new, v_new)) with k_new, v_new [layers, batch, seq, kv_heads, head_dim].
         """
         c, dt = self.cfg, self.dtype
-        embed = param(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), dtype=dt)
-        x = jnp.take(embed, tokens, axis=0)
+        embed = weight(self, W[("embed",)], c, self.quant, dt)
+        x = quant.take(embed, tokens).astype(dt)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
         shared, layer_ctx = (cos, sin, ctx_lens, block_tables), ctx_len if k_cache is not None else 0
         if self.scan_layers:
@@ -128,7 +134,7 @@ class Transformer(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, dt, layer_ctx, name="layers")
+            )(c, dt, layer_ctx, self.quant, name="layers")
             x, (k_new, v_new) = layers(x, shared, (k_cache, v_cache), jnp.arange(c.num_layers, dtype=jnp.int32))
         else:
             ks, vs = [], []
@@ -138,7 +144,8 @@ class Transformer(nn.Module):
                 # the layers' gathers at once, contending with the matmuls for cores and cache.
                 x, tables = jax.lax.optimization_barrier((x, block_tables))
                 layer_shared = (cos, sin, ctx_lens, tables)
-                x, (k, v) = DecoderLayer(c, dt, layer_ctx, name=f"layers_{i}")(x, layer_shared, layer_cache)
+                layer = DecoderLayer(c, dt, layer_ctx, self.quant, name=f"layers_{i}")
+                x, (k, v) = layer(x, layer_shared, layer_cache)
                 ks.append(k)
                 vs.append(v)
             # The cache write after the last layer must follow every layer's read of the cache: tie the
@@ -148,8 +155,8 @@ class Transformer(nn.Module):
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
         if c.tie_word_embeddings:
-            logits = jnp.einsum("...d,vd->...v", x, embed, preferred_element_type=jnp.float32)
+            logits = quant.einsum("...d,vd->...v", x, embed, preferred_element_type=jnp.float32)
         else:
-            head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), dtype=dt)
-            logits = jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+            head = weight(self, W[("lm_head",)], c, self.quant, dt)
+            logits = quant.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
         return logits, (k_new, v_new)

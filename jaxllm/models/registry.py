@@ -7,28 +7,40 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.errors import UnsupportedModelError
-from jaxllm.models import llama
+from jaxllm.models import llama, llama_weights
+from jaxllm.models.describe import Param
 
+# model type -> (Flax module, the family's parameter description)
 FAMILIES = {
-    "llama": llama.Transformer,
-    "mistral": llama.Transformer,
-    "qwen2": llama.Transformer,
-    "qwen3": llama.Transformer,
+    "llama": (llama.Transformer, llama_weights.W),
+    "mistral": (llama.Transformer, llama_weights.W),
+    "qwen2": (llama.Transformer, llama_weights.W),
+    "qwen3": (llama.Transformer, llama_weights.W),
 }
 
 
-def build_model(cfg: ModelConfig, dtype=jnp.float32, scan_layers: bool = True):
+def _family(cfg: ModelConfig):
+    try:
+        return FAMILIES[cfg.model_type]
+    except KeyError:
+        raise UnsupportedModelError(f"model type {cfg.model_type!r} is not supported") from None
+
+
+def describe_params(cfg: ModelConfig) -> dict[tuple[str, ...], Param]:
+    """The family's parameter description, by path (see `jaxllm.models.describe`)."""
+    return _family(cfg)[1]
+
+
+def build_model(cfg: ModelConfig, dtype=jnp.float32, scan_layers: bool = True, quant=None):
     """The Flax module for this config (not initialised: params come from a loader).
 
     scan_layers: run the layers under `nn.scan` over stacked params (`layers/...`: one compiled layer
     body) or unrolled over per-layer params (`layers_0/...`). Unrolled, XLA:CPU reads each weight in
     place instead of copying the scan's slice (offline decode ~25% faster at batch 1 for SmolLM2), but
     every compiled step takes ~3x longer to compile, which a server meets on its hot path.
+    quant: a `QuantPlan` naming the params stored quantized (None: all float).
     """
-    try:
-        return FAMILIES[cfg.model_type](cfg, dtype, scan_layers)
-    except KeyError:
-        raise UnsupportedModelError(f"model type {cfg.model_type!r} is not supported") from None
+    return _family(cfg)[0](cfg, dtype, scan_layers, quant)
 
 
 def param_shapes(model):

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from jaxllm import compile_cache
+from jaxllm.cli_options import add_quant_arguments, load_options
 
 SERVE_DEFAULT_MAX_LEN = 2048
 
@@ -62,6 +63,7 @@ def add_parser(sub, positive) -> None:
         help="run the layers under one compiled scan (default: each new batch shape compiles ~3x faster) or "
         "unrolled (faster offline decode on the CPU, slower to compile)",
     )
+    add_quant_arguments(p)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -77,8 +79,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     compile_cache.enable()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     loaded = load_model(
-        args.model, default_dtype(), chat_template=args.chat_template, scan_layers=args.layers == "scan"
+        args.model,
+        default_dtype(),
+        chat_template=args.chat_template,
+        scan_layers=args.layers == "scan",
+        options=load_options(args),
     )
+    stored = f" ({loaded.quant.describe()})" if loaded.quant else ""
+    logging.getLogger(__name__).info("weights: %.1f MiB on the device%s", loaded.weight_bytes / 2**20, stored)
     max_len = args.max_model_len or min(loaded.config.max_position_embeddings, SERVE_DEFAULT_MAX_LEN)
     llm = LLM(
         loaded=loaded,

@@ -8,91 +8,40 @@ group's dot products, softmax and weighted sum in one pass (~0.6 ms a layer), on
 It reads the stacked cache [layers, num_pages, page_size, kv_heads, head_dim] at a layer index, so the
 layer scan hands it the whole cache by reference: an operand sliced per layer would be copied for the call.
 
-The C++ source is compiled once per machine (C++ compiler: `$CXX`, else `g++`, else `c++`) into
-`~/.cache/jaxllm/kernels`, keyed by the source, jaxlib's version and the CPU. Without a compiler,
-`available()` is False and the dispatcher uses the reference.
+The C++ source is compiled once per machine by `jaxllm.kernels.native_build` (keyed by the source,
+jaxlib's version and the CPU). Without a compiler, `available()` is False and the dispatcher uses the reference.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.kernels import native_build
+from jaxllm.kernels.native_build import NativeKernelUnavailable
+
+__all__ = ["NativeKernelUnavailable", "available", "build", "native_decode_attention"]
+
 log = logging.getLogger(__name__)
 
 TARGET = "jaxllm_paged_decode_f32"
 SOURCE = Path(__file__).with_name("native_decode.cc")
-# -march=native: built where it runs. Reassociation lets the compiler vectorise the dot products' sums;
-# no finite-math assumption, so infinities and NaN behave as in the reference.
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
-FLAGS += ["-shared", "-fPIC", "-std=c++17", "-w"]
-
-
-class NativeKernelUnavailable(RuntimeError):
-    """The native kernel could not be built or loaded here (no compiler, or the build failed)."""
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cpu_fingerprint() -> str:
-    try:  # the instruction sets decide what -march=native emits
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return f"{platform.machine()} {flags}"
-
-
-def _build_dir() -> Path:
-    from jaxllm.compile_cache import cache_root
-
-    root = cache_root()
-    path = root / "kernels" if root is not None else Path(tempfile.gettempdir()) / "jaxllm-kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+FLAGS = list(native_build.FLAGS)
+_compiler = native_build.find_compiler  # a module attribute, so tests can take the compiler away
 
 
 def build(compiler: str | None = None) -> Path:
     """Compile the kernel unless a build for this source, jaxlib and CPU exists; return the library path."""
-    import jaxlib
-
     compiler = compiler or _compiler()
     if compiler is None:
         raise NativeKernelUnavailable("no C++ compiler found (set $CXX, or install g++)")
-    key = hashlib.blake2b(digest_size=10)
-    for part in (jaxlib.__version__, " ".join(FLAGS), _cpu_fingerprint()):
-        key.update(part.encode())
-    key.update(SOURCE.read_bytes())
-    out = _build_dir() / f"native_decode-{key.hexdigest()}.so"
-    if out.exists():
-        return out
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise NativeKernelUnavailable(f"{compiler} failed to run: {e}") from None
-    if proc.returncode != 0:
-        first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
-        raise NativeKernelUnavailable(f"{compiler} could not build {SOURCE.name}: {first}")
-    os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
-    return out
+    return native_build.build(SOURCE, "native_decode", FLAGS, compiler)
 
 
 @functools.cache

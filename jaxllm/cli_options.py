@@ -1,0 +1,43 @@
+"""Command-line options shared by every command that loads a model: how its weights are stored."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxllm.errors import QuantizationError
+
+
+def _scheme(text: str) -> str:
+    from jaxllm.quant.isq import parse_scheme
+
+    try:
+        parse_scheme(text)
+    except QuantizationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_quant_arguments(p: argparse.ArgumentParser) -> None:
+    """--quant, --dequantize and --quant-embeddings."""
+    p.add_argument(
+        "--quant",
+        type=_scheme,
+        default=None,
+        metavar="Q",
+        help="quantize float weights while loading: int8, fp8, int4 (group 32), int4-g64, int4-g128, int4-sym",
+    )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="load a .gguf file's quantized tensors as float (by default they stay in their block formats)",
+    )
+    p.add_argument("--quant-embeddings", action="store_true", help="with --quant, quantize the embedding/LM head too")
+
+
+def load_options(args: argparse.Namespace):
+    """The `LoadOptions` the quantization flags ask for."""
+    from jaxllm.loading.load import LoadOptions
+
+    if args.quant and args.dequantize:
+        args.dequantize = False  # --quant quantizes the dequantized float weights anyway
+    return LoadOptions(args.quant, args.dequantize, args.quant_embeddings)

@@ -1,0 +1,1 @@
+"""Evaluation: how well a loaded model predicts text (perplexity)."""

@@ -1,0 +1,87 @@
+"""Building native CPU kernels: a C++ source compiled on first use into a cache keyed by what shapes the binary.
+
+A kernel's `.so` is compiled once per machine (C++ compiler: `$CXX`, else `g++`, else `c++`) into
+`~/.cache/jaxllm/kernels`, keyed by its source, jaxlib's version (the FFI headers), the flags and the
+CPU's instruction sets (kernels are built with -march=native). Without a compiler, or when the build
+fails, `build` raises `NativeKernelUnavailable` with a one-line reason, and callers use their reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+# -march=native: built where it runs. Reassociation lets the compiler vectorise sums; no finite-math
+# assumption, so infinities and NaN behave as in the references.
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
+FLAGS += ("-shared", "-fPIC", "-std=c++17", "-w")
+
+
+class NativeKernelUnavailable(RuntimeError):
+    """The native kernel could not be built or loaded here (no compiler, or the build failed)."""
+
+
+def find_compiler() -> str | None:
+    """`$CXX`, else `g++`, else `c++`, if found on the PATH."""
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def cpu_fingerprint() -> str:
+    try:  # the instruction sets decide what -march=native emits
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return f"{platform.machine()} {flags}"
+
+
+def build_dir() -> Path:
+    from jaxllm.compile_cache import cache_root
+
+    root = cache_root()
+    path = root / "kernels" if root is not None else Path(tempfile.gettempdir()) / "jaxllm-kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build(source: Path, stem: str, flags: Sequence[str] = FLAGS, compiler: str | None = None) -> Path:
+    """Compile `source` into `<build dir>/<stem>-<key>.so` unless it exists; return the library path.
+
+    The key covers the source, jaxlib's version, `flags` and the CPU. `compiler` None: `find_compiler()`.
+    """
+    import jax
+    import jaxlib
+
+    compiler = compiler or find_compiler()
+    if compiler is None:
+        raise NativeKernelUnavailable("no C++ compiler found (set $CXX, or install g++)")
+    source = Path(source)
+    key = hashlib.blake2b(digest_size=10)
+    for part in (jaxlib.__version__, " ".join(flags), cpu_fingerprint()):
+        key.update(part.encode())
+    try:
+        key.update(source.read_bytes())
+    except OSError as e:
+        raise NativeKernelUnavailable(f"cannot read {source.name}: {e}") from None
+    out = build_dir() / f"{stem}-{key.hexdigest()}.so"
+    if out.exists():
+        return out
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(tmp)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeKernelUnavailable(f"{compiler} failed to run: {e}") from None
+    if proc.returncode != 0:
+        first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
+        raise NativeKernelUnavailable(f"{compiler} could not build {source.name}: {first}")
+    os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
+    return out

@@ -1,0 +1,61 @@
+"""The one matmul seam: every projection of every model goes through `einsum`, float or quantized alike.
+
+A float weight runs `jnp.einsum` as written. A `QuantizedWeight` is a matrix [N, K] whose K runs over the
+spec's contracted letters and N over the weight's other letters, both in the order the weight's spec names
+them (its logical float layout): x is brought to [M, K], the backend's quantized matmul kernel gives
+[M, N], and the result is laid out as the spec asks. Models never unpack quantized data themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.quant.format import QuantizedWeight
+
+
+def einsum(spec: str, x: jax.Array, w, **kwargs) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` where w may be a `QuantizedWeight` (then the result is float32).
+
+    spec: a two-operand einsum with the weight second, e.g. "btd,dkgh->btkgh"; '...' may lead x's letters.
+    """
+    if not isinstance(w, QuantizedWeight):
+        return jnp.einsum(spec, x, w, **kwargs)
+    from jaxllm.kernels.qmatmul import qmatmul
+
+    xs, ws, out = _expand(spec, x.ndim)
+    contracted = [c for c in ws if c in xs and c not in out]
+    kept = [c for c in ws if c not in contracted]
+    batch = [c for c in xs if c not in contracted]
+    if sorted(batch + kept) != sorted(out) or len(set(xs)) != len(xs):
+        raise ValueError(f"quantized einsum {spec!r}: the output must hold x's free letters and the weight's")
+    sizes = dict(zip(xs, x.shape, strict=True))
+    if tuple(sizes[c] for c in contracted) != tuple(w.in_shape):
+        raise ValueError(f"quantized einsum {spec!r}: x contracts {[sizes[c] for c in contracted]}, w {w.in_shape}")
+    x2 = jnp.transpose(x, [xs.index(c) for c in batch + contracted])
+    lead = x2.shape[: len(batch)]
+    y = qmatmul(x2.reshape(math.prod(lead), w.k), w).reshape(*lead, *w.out_shape)
+    return jnp.transpose(y, [(batch + kept).index(c) for c in out])
+
+
+def take(w, ids: jax.Array) -> jax.Array:
+    """Rows of an embedding table [N, K] at integer `ids` [...] -> [..., K] float (dequantized if need be)."""
+    if not isinstance(w, QuantizedWeight):
+        return jnp.take(w, ids, axis=0)
+    rows = jax.tree.map(lambda a: jnp.take(a, ids, axis=0), w)
+    return rows.dequantize(jnp.float32)
+
+
+def _expand(spec: str, x_ndim: int) -> tuple[str, str, str]:
+    """Split 'xs,ws->out' and replace a leading '...' in x and out by unused letters."""
+    lhs, out = spec.replace(" ", "").split("->")
+    xs, ws = lhs.split(",")
+    if "..." in xs:
+        free = [c for c in string.ascii_letters if c not in spec]
+        n = x_ndim - (len(xs) - 3)
+        fill = "".join(free[:n])
+        xs, out = xs.replace("...", fill), out.replace("...", fill)
+    return xs, ws, out

@@ -1,0 +1,154 @@
+"""The native CPU quantized matmul (C++ through XLA FFI) against the `jax.numpy` reference.
+
+Built here with the machine's C++ compiler, as on first use. Random weights of every kind, with and
+without offset, over group sizes, batch sizes and odd output sizes; stacked weights are read at a layer
+with the other layers poisoned with NaN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.kernels import native_build
+from jaxllm.kernels.qmatmul import native
+from jaxllm.kernels.qmatmul.reference import qmatmul as reference
+from jaxllm.quant.format import QuantizedWeight, pack_uint4
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
+
+KINDS = ("int8", "uint4", "fp8")
+TOL = 1e-5
+
+
+def make_weight(seed, kind, n, k, group, offset=True, layers=None) -> QuantizedWeight:
+    rng = np.random.default_rng(seed)
+    lead = () if layers is None else (layers,)
+    if kind == "int8":
+        q = rng.integers(-128, 128, (*lead, n, k), dtype=np.int8)
+    elif kind == "uint4":
+        q = pack_uint4(rng.integers(0, 16, (*lead, n, k)))
+    else:  # every finite e4m3fn value, NaN excluded
+        bits = rng.integers(0, 256, (*lead, n, k), dtype=np.uint8)
+        bits[(bits & 0x7F) == 0x7F] &= 0xF0
+        q = bits.view(jnp.float8_e4m3fn)
+    scale = rng.uniform(0.01, 0.1, (*lead, n, k // group)).astype(np.float32)
+    off = rng.uniform(-0.5, 0.5, (*lead, n, k // group)).astype(np.float32) if offset else None
+    return QuantizedWeight(
+        jnp.asarray(q), jnp.asarray(scale), None if off is None else jnp.asarray(off), kind, group, (k,), (n,)
+    )
+
+
+def make_x(seed, m, k):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((m, k)), jnp.float32)
+
+
+def assert_close(out, expected, x, w):
+    """Within TOL of the reference, relative to the size of the terms summed (sum_k |x| |w|)."""
+    out, expected = np.asarray(out), np.asarray(expected)
+    assert out.shape == expected.shape and out.dtype == np.float32
+    bound = np.abs(np.asarray(x)) @ np.abs(np.asarray(w.dequantize())).T
+    np.testing.assert_array_less(np.abs(out - expected), TOL * bound + 1e-30)
+
+
+def test_it_builds_and_registers_here():
+    assert native.available()
+    assert native.build().exists()  # a second build finds the first one's library
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("offset", [True, False], ids=["offset", "no-offset"])
+@pytest.mark.parametrize("group", [16, 32, 64, 128, "K"])
+@pytest.mark.parametrize("m", [1, 3, 6, 8, 32, 64])
+def test_matches_reference(kind, offset, group, m):
+    for n, k in ((7, 256), (100, 640 if group != "K" else 600)):  # K=600: per-channel with a partial vector
+        g = k if group == "K" else group
+        w = make_weight(hash((kind, offset, g, m, n)) % 2**32, kind, n, k, g, offset)
+        x = make_x(m, m, k)
+        assert_close(native.native_qmatmul(x, w), reference(x, w), x, w)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [1, 8])
+def test_reads_the_given_layer_of_the_stack_under_jit(kind, m):
+    w = make_weight(1, kind, 37, 1536, 32, offset=True, layers=3)
+    nan_q = {"int8": 0, "uint4": 0, "fp8": jnp.nan}[kind]
+    poison = lambda a, v: a.at[0].set(v).at[2].set(v)  # layers 0 and 2: NaN scale and offset
+    stacked = QuantizedWeight(
+        poison(w.q, nan_q), poison(w.scale, jnp.nan), poison(w.offset, jnp.nan), kind, 32, (1536,), (37,)
+    )
+    x = make_x(2, m, 1536)
+    out = jax.jit(native.native_qmatmul)(x, stacked, jnp.int32(1))
+    assert np.isfinite(np.asarray(out)).all()
+    one = jax.tree.map(lambda a: a[1], w)
+    assert_close(out, reference(x, one), x, one)
+    np.testing.assert_array_equal(out, native.native_qmatmul(x, one))  # same math stacked or not
+
+
+def test_the_lm_head_shape_and_a_scan_over_layers():
+    w = make_weight(3, "uint4", 1000, 576, 32, layers=4)
+    x = make_x(4, 5, 576)
+
+    def step(x, w):
+        return jax.lax.scan(
+            lambda c, i: (c + native.native_qmatmul(x, w, i)[:, :576], None), jnp.zeros((5, 576)), jnp.arange(4)
+        )[0]
+
+    out = jax.jit(step)(x, w)
+    expected = sum(reference(x, w, i)[:, :576] for i in range(4))
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_nan_and_subnormals_decode_as_in_the_reference():
+    bits = np.arange(256, dtype=np.uint8).reshape(1, 256)
+    w = QuantizedWeight(
+        jnp.asarray(bits.view(jnp.float8_e4m3fn)), jnp.ones((1, 16), jnp.float32), None, "fp8", 16, (256,), (1,)
+    )
+    for k in range(0, 256, 16):
+        x = jnp.zeros((1, 256), jnp.float32).at[0, k : k + 16].set(2.0 ** np.arange(16, dtype=np.float32))
+        np.testing.assert_allclose(native.native_qmatmul(x, w), reference(x, w), rtol=1e-6, equal_nan=True)
+    x = jnp.ones((1, 256), jnp.float32).at[0, 127].set(0).at[0, 255].set(0)
+    assert np.isnan(native.native_qmatmul(jnp.ones((1, 256)), w)).all()
+
+
+def test_the_portable_path_matches_too():
+    """Built without AVX-512, the kernel takes its plain C++ path; same cases, same answers."""
+    flags = [*native_build.FLAGS, "-mno-avx512f"]
+    lib = ctypes.cdll.LoadLibrary(str(native_build.build(native.SOURCE, "native_qmatmul_portable", flags)))
+    jax.ffi.register_ffi_target("jaxllm_qmatmul_portable", jax.ffi.pycapsule(lib.JaxllmQMatmulF32), platform="cpu")
+    for i, (kind, offset, group, m) in enumerate(
+        [("int8", False, 32, 3), ("uint4", True, 32, 8), ("fp8", True, 600, 1)]
+    ):
+        w = make_weight(20 + i, kind, 9, 600 if group == 600 else 640, group, offset)
+        x = make_x(21 + i, m, w.k)
+        assert_close(native._call("jaxllm_qmatmul_portable", x, w, None), reference(x, w), x, w)
+
+
+def test_many_independent_calls_in_one_step_do_not_deadlock_the_thread_pool():
+    """XLA may run independent kernels at once on its pool; each must finish without waiting for a helper."""
+    ws = [make_weight(10 + i, "uint4", 300, 576, 32) for i in range(12)]
+    x = make_x(11, 8, 576)
+    out = jax.jit(lambda x, ws: sum(native.native_qmatmul(x, w) for w in ws))(x, ws)
+    np.testing.assert_allclose(out, sum(reference(x, w) for w in ws), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda x, w: (x.astype(jnp.bfloat16), w), "float32"),
+        (lambda x, w: (x[None], w), "float32"),
+        (lambda x, w: (x[:, :32], w), "K=32"),
+        (lambda x, w: (x, QuantizedWeight(w.q, w.scale[:, ::2], None, w.kind, 8, w.in_shape, w.out_shape)), "group"),
+        (lambda x, w: (x, QuantizedWeight(w.q.astype(jnp.int8), w.scale, None, "uint4", 16, (64,), (4,))), "kinds"),
+        (lambda x, w: (x, QuantizedWeight(w.q, w.scale.astype(jnp.bfloat16), None, "int8", 16, (64,), (4,))), "scale"),
+    ],
+)
+def test_what_it_does_not_take_raises_value_error_while_tracing(change, match):
+    x, w = make_x(5, 2, 64), make_weight(6, "int8", 4, 64, 16, offset=False)
+    x, w = change(x, w)
+    with pytest.raises(ValueError, match=match):
+        jax.jit(native.native_qmatmul).lower(x, w)
