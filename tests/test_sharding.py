@@ -34,7 +34,8 @@ LLAMA3_8B = ModelConfig(
 
 def _flat(tree, is_leaf=None):
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-    return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
+    key = lambda k: str(getattr(k, "key", getattr(k, "name", k)))  # dict keys, QuantizedWeight fields
+    return {"/".join(key(k) for k in path): leaf for path, leaf in flat}
 
 
 def _shapes(scan_layers: bool) -> dict:
@@ -84,6 +85,24 @@ def test_param_shardings_follow_the_logical_names():
     assert unrolled["params/layers_7/mlp/gate_up"] == P(None, None, "model")
 
 
+def test_quantized_params_follow_the_same_description():
+    from jaxllm.loading.quant_plan import isq_plan
+    from jaxllm.models.registry import describe_params
+    from jaxllm.quant.isq import parse_scheme
+
+    plan = isq_plan(parse_scheme("int4"), describe_params(LLAMA3_8B), LLAMA3_8B)
+    shapes = param_shapes(build_model(LLAMA3_8B, quant=plan))
+    flat = _flat(shapes["params"], is_leaf=lambda x: hasattr(x, "names"))
+    assert flat["layers/attn/qkv/q"].value.shape == (32, 8 * 6 * 128, 4096 // 2)  # [L, N, K/2] nibbles
+    assert flat["layers/attn/qkv/scale"].value.shape == (32, 8 * 6 * 128, 4096 // 32)
+    assert flat["layers/attn/o/q"].names == ("layers", "embed", "q_heads")
+    specs = _flat(jax.tree.map(lambda s: s.spec, param_shardings(shapes, make_mesh(1, 1))))
+    assert specs["params/layers/attn/qkv/q"] == P(None, "model", None)  # N is kv-head major
+    assert specs["params/layers/attn/o/offset"] == P(None, None, "model")  # K is q-head major
+    nbytes = sum(math.prod(v.value.shape) * v.value.dtype.itemsize for v in flat.values())
+    assert nbytes < 0.35 * 8.03e9 * 4  # the float embedding and LM head stay; the rest is 4.5 bits a weight
+
+
 @pytest.mark.slow
 def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models, tmp_path):
     folder, _ = tiny_models["llama"]
@@ -121,6 +140,14 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
         assert "jaxllm_paged_decode" in jax.jit(decode).lower(sharded).as_text()
         np.testing.assert_allclose(np.asarray(jax.jit(decode)(sharded)), np.asarray(jax.jit(decode)(m.params)),
                                    atol=1e-5)
+        from jaxllm.loading.load import LoadOptions
+        for quant in ("int8", "fp8"):  # quantized weights sharded the same way (qmatmul: the native kernel)
+            qm = load_model({str(folder)!r}, progress=False, options=LoadOptions(quant=quant))
+            q_run = lambda p: qm.model.apply(p, tokens, pos, None, None, jnp.zeros((4,), jnp.int32))[0]
+            q_sharded = jax.device_put(qm.params, param_shardings(param_shapes(qm.model), mesh))
+            assert len(q_sharded["params"]["layers"]["attn"]["qkv"].q.sharding.device_set) == 8
+            np.testing.assert_allclose(np.asarray(jax.jit(q_run)(q_sharded)), np.asarray(jax.jit(q_run)(qm.params)),
+                                       atol=1e-5)
         print("SHARDED-OK")
     """)
     env = {

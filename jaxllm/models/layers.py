@@ -45,11 +45,15 @@ def _quantized_init(fmt: Format, ins: tuple[int, ...], outs: tuple[int, ...], na
     q_dtype = {"int8": jnp.int8, "uint4": jnp.uint8, "fp8": jnp.float8_e4m3fn}[fmt.kind]
     q_k = k // 2 if fmt.kind == "uint4" else k
 
+    # One scale per row (per channel) has nothing along K to split.
+    group_names = names if group < k else (names[0], None)
+
     def init(_rng):
-        box = lambda a: nn.Partitioned(a, names)
+        box = lambda a, names=group_names: nn.Partitioned(a, names)
         offset = box(jnp.zeros((n, k // group), jnp.float32)) if fmt.offset else None
         scale = box(jnp.ones((n, k // group), jnp.float32))
-        return QuantizedWeight(box(jnp.zeros((n, q_k), q_dtype)), scale, offset, fmt.kind, group, ins, outs)
+        q = box(jnp.zeros((n, q_k), q_dtype), names)
+        return QuantizedWeight(q, scale, offset, fmt.kind, group, ins, outs)
 
     return init
 

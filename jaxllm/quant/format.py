@@ -55,8 +55,10 @@ class QuantizedWeight:
     def values(self) -> jax.Array:
         """The stored integer (or fp8) values as float32 [..., N, K]."""
         if self.kind == "uint4":
-            lo, hi = self.q & 0xF, self.q >> 4
-            return jnp.stack([lo, hi], axis=-1).reshape(*self.q.shape[:-1], -1).astype(jnp.float32)
+            # A bitcast to packed uint4 (low nibble first) lets XLA fuse the unpacking into the consumer;
+            # masking and shifting into a stacked pair cost ~20% of a 512-row prefill on XLA:CPU.
+            nibbles = jax.lax.bitcast_convert_type(self.q, jnp.uint4)
+            return nibbles.reshape(*self.q.shape[:-1], -1).astype(jnp.float32)
         return self.q.astype(jnp.float32)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
