@@ -216,3 +216,21 @@ def test_run_repl_history_and_commands(monkeypatch, capsys):
     assert convs[2] == [("system", "Be brief."), ("user", "three")]
     assert convs[3] == [("system", "Be brief."), ("user", "four")]
     assert [p.temperature for _, p in fake.calls] == [0.0, 0.0, 0.5, 0.5]
+
+
+def test_quantization_flags_are_checked_before_loading(tmp_path):
+    for cmd in ("generate", "run", "serve", "perplexity"):
+        proc = jaxllm(cmd, "--quant", "int3", "--file", tmp_path / "t.txt", timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "unknown quantization 'int3'" in proc.stderr and "int4-g64" in proc.stderr
+    assert_error(jaxllm("perplexity", "--file", tmp_path / "missing.txt"), "missing.txt")
+
+
+@pytest.mark.slow
+def test_perplexity_with_in_situ_int8():
+    proc = jaxllm("perplexity", "--file", ROOT / "tests" / "data" / "perplexity.txt", "--quant", "int8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["tokens_scored"] > 1800 and res["windows"] == 4
+    assert 15 < res["perplexity"] < 25  # float32: 19.90 (tests/models/test_quantized.py holds the 1% bound)
+    assert res["weight_mib"] < 250  # int8 layers beside the float embedding; float32 is 513 MiB
