@@ -17,25 +17,33 @@ from jaxllm.quant.plan import QuantPlan
 from jaxllm.quant.rows import Format
 
 
-def param(module: nn.Module, name: str, shape, axes: tuple[str, ...], init=None, dtype=jnp.float32):
-    """A parameter with logical axis names attached (the single description of that array)."""
+def param(module: nn.Module, name: str, shape, axes: tuple[str, ...], init=None, dtype=jnp.float32, stack: int = 0):
+    """A parameter with logical axis names attached (the single description of that array).
+
+    stack: the number of layers stacked in front ([stack, *shape], axis 'layers'), or 0 for none. Stacked
+    params are broadcast into the layer scan whole and read at the layer's index by their consumer."""
     init = init or nn.initializers.normal(0.02)
+    if stack:
+        shape, axes = (stack, *shape), ("layers", *axes)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def weight(module: nn.Module, p: Param, cfg: ModelConfig, plan: QuantPlan | None, dtype=jnp.float32):
+def weight(module: nn.Module, p: Param, cfg: ModelConfig, plan: QuantPlan | None, dtype=jnp.float32, stack: int = 0):
     """The weight `p` describes: a float array in its float layout, or the `QuantizedWeight` [N, K] the plan
-    asks for (N over p's out dims, K over its in dims). Either goes to `quant.einsum` / `quant.take`."""
+    asks for (N over p's out dims, K over its in dims); with `stack`, all layers' stacked in front. Either
+    goes to `quant.einsum` / `quant.take` (with the layer index when stacked)."""
     ins, outs = p.in_dims(cfg), p.out_dims(cfg)
     fmt = plan.get(p.path) if plan else None
     if fmt is None:
         if p.kind == "embedding":
-            return param(module, p.path[-1], outs + ins, p.out_axes + p.in_axes, dtype=dtype)
-        return param(module, p.path[-1], ins + outs, p.in_axes + p.out_axes, dtype=dtype)
-    return module.param(p.path[-1], _quantized_init(fmt, ins, outs, (p.out_axes[0], p.in_axes[0])))
+            return param(module, p.path[-1], outs + ins, p.out_axes + p.in_axes, dtype=dtype, stack=stack)
+        return param(module, p.path[-1], ins + outs, p.in_axes + p.out_axes, dtype=dtype, stack=stack)
+    return module.param(p.path[-1], _quantized_init(fmt, ins, outs, (p.out_axes[0], p.in_axes[0]), stack))
 
 
-def _quantized_init(fmt: Format, ins: tuple[int, ...], outs: tuple[int, ...], names: tuple[str | None, str | None]):
+def _quantized_init(
+    fmt: Format, ins: tuple[int, ...], outs: tuple[int, ...], names: tuple[str | None, str | None], stack: int = 0
+):
     """An initializer of a `QuantizedWeight` of zeros with logical axes on every array (for shapes and shardings).
 
     N takes the name of the first out dim and K that of the first in dim: both are the major dims of their
@@ -47,12 +55,13 @@ def _quantized_init(fmt: Format, ins: tuple[int, ...], outs: tuple[int, ...], na
 
     # One scale per row (per channel) has nothing along K to split.
     group_names = names if group < k else (names[0], None)
+    lead, lead_names = ((stack,), ("layers",)) if stack else ((), ())
 
     def init(_rng):
-        box = lambda a, names=group_names: nn.Partitioned(a, names)
-        offset = box(jnp.zeros((n, k // group), jnp.float32)) if fmt.offset else None
-        scale = box(jnp.ones((n, k // group), jnp.float32))
-        q = box(jnp.zeros((n, q_k), q_dtype), names)
+        box = lambda a, names=group_names: nn.Partitioned(a, lead_names + names)
+        offset = box(jnp.zeros((*lead, n, k // group), jnp.float32)) if fmt.offset else None
+        scale = box(jnp.ones((*lead, n, k // group), jnp.float32))
+        q = box(jnp.zeros((*lead, n, q_k), q_dtype), names)
         return QuantizedWeight(q, scale, offset, fmt.kind, group, ins, outs)
 
     return init
@@ -64,10 +73,14 @@ class RMSNorm(nn.Module):
     eps: float
     axis_name: str = "embed"
     dtype: jnp.dtype = jnp.float32
+    stack: int = 0
 
     @nn.compact
-    def __call__(self, x):
-        scale = param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones, self.dtype)
+    def __call__(self, x, layer=None):
+        """x [..., d]; layer: the index into a stacked scale (see `param`)."""
+        scale = param(self, "scale", (x.shape[-1],), (self.axis_name,), nn.initializers.ones, self.dtype, self.stack)
+        if self.stack:
+            scale = scale[layer]
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (scale * y.astype(self.dtype)).astype(self.dtype)
@@ -120,11 +133,14 @@ class GatedMLP(nn.Module):
     dtype: jnp.dtype = jnp.float32
     quant: QuantPlan | None = None
     params: tuple[Param, Param] | None = None
+    stack: int = 0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, layer=None):
+        """x [batch, seq, embed]; layer: the index into stacked weights (see `param`)."""
         p_gate_up, p_down = self.params
-        gate_up = weight(self, p_gate_up, self.cfg, self.quant, self.dtype)
-        down = weight(self, p_down, self.cfg, self.quant, self.dtype)
-        gu = quant.einsum("btd,dcf->btcf", x, gate_up).astype(self.dtype)
-        return quant.einsum("btf,fd->btd", nn.silu(gu[:, :, 0]) * gu[:, :, 1], down).astype(self.dtype)
+        gate_up = weight(self, p_gate_up, self.cfg, self.quant, self.dtype, self.stack)
+        down = weight(self, p_down, self.cfg, self.quant, self.dtype, self.stack)
+        gu = quant.einsum("btd,dcf->btcf", x, gate_up, layer=layer).astype(self.dtype)
+        h = nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+        return quant.einsum("btf,fd->btd", h, down, layer=layer).astype(self.dtype)

@@ -29,46 +29,53 @@ class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     quant: QuantPlan | None = None
+    stack: int = 0
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_pages, v_pages, block_tables, ctx_lens, layer=None):
+    def __call__(self, x, cos, sin, k_pages, v_pages, block_tables, ctx_lens, cache_layer=None, layer=None):
         """x [batch, seq, embed] -> (out [batch, seq, embed], k_new, v_new [batch, seq, kv_heads, head_dim]).
 
-        k_pages, v_pages: this layer's pool, or the stacked cache read at `layer` (see `kernels.paged_attention`)."""
-        c, dt = self.cfg, self.dtype
+        k_pages, v_pages: this layer's pool, or the stacked cache read at `cache_layer` (see
+        `kernels.paged_attention`); layer: the index into the stacked weights when `stack` (see `layers.param`).
+        """
+        c, dt, n = self.cfg, self.dtype, self.stack
         h, kvh, hd, g = c.num_heads, c.num_kv_heads, c.head_dim, c.num_groups
         # q, k and v in one matmul, grouped by kv head ([g query heads, k, v] per kv head) so that
         # sharding over kv heads keeps each group whole.
-        wqkv = weight(self, W[("layers", "attn", "qkv")], c, self.quant, dt)
-        wo = weight(self, W[("layers", "attn", "o")], c, self.quant, dt)
-        qkv = quant.einsum("btd,dkgh->btkgh", x, wqkv).astype(dt)
+        wqkv = weight(self, W[("layers", "attn", "qkv")], c, self.quant, dt, n)
+        wo = weight(self, W[("layers", "attn", "o")], c, self.quant, dt, n)
+        qkv = quant.einsum("btd,dkgh->btkgh", x, wqkv, layer=layer).astype(dt)
         if c.attention_bias:
-            bias = param(self, "qkv_bias", (kvh, g + 2, hd), ("kv_heads", None, "head_dim"), nn.initializers.zeros, dt)
-            qkv = qkv + bias
+            axes = ("kv_heads", None, "head_dim")
+            bias = param(self, "qkv_bias", (kvh, g + 2, hd), axes, nn.initializers.zeros, dt, n)
+            qkv = qkv + (bias[layer] if n else bias)
         b, t = x.shape[:2]
         q = qkv[:, :, :, :g].reshape(b, t, h, hd)
         k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, "head_dim", dt, name="k_norm")(k)
+            q = RMSNorm(c.rms_norm_eps, "head_dim", dt, n, name="q_norm")(q, layer)
+            k = RMSNorm(c.rms_norm_eps, "head_dim", dt, n, name="k_norm")(k, layer)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = kernels.paged_attention(q, k, v, k_pages, v_pages, block_tables, ctx_lens, c.sliding_window, layer=layer)
-        return quant.einsum("bthk,hkd->btd", out, wo).astype(dt), k, v
+        window = c.sliding_window
+        out = kernels.paged_attention(q, k, v, k_pages, v_pages, block_tables, ctx_lens, window, layer=cache_layer)
+        return quant.einsum("bthk,hkd->btd", out, wo, layer=layer).astype(dt), k, v
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention + gated MLP block; the body of the layer scan.
 
-    Under the scan the layer gets the whole stacked cache and its own index: the attention reads its
-    slice in place (the reference gathers from it, the native kernel indexes it), where a slice taken
-    before the layer would be a copy per call. It attends to the first `ctx_len` positions of each
-    row's pages (static).
+    Under the scan (`stack` = the number of layers) the layer gets every layer's weights and the whole
+    stacked cache, with its own index: the weights and the cache are read at the index in place (the
+    native kernels index them; XLA slices float weights for its dots), where a slice taken before a
+    custom call would be a copy per layer. It attends to the first `ctx_len` positions of each row's
+    pages (static).
     """
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     ctx_len: int = 0
     quant: QuantPlan | None = None
+    stack: int = 0
 
     @nn.compact
     def __call__(self, x, shared, cache, layer=None):
@@ -77,23 +84,24 @@ class DecoderLayer(nn.Module):
         ([] int32), or this layer's own [num_pages, page_size, kv_heads, head_dim] (layer None), or (None, None)."""
         cos, sin, ctx_lens, block_tables = shared
         k_pages, v_pages = cache
+        cache_layer = layer
         if self.ctx_len:
             page_size = k_pages.shape[-3]
             if self.ctx_len < page_size:  # one page per row (contiguous layout): read only its head
                 if layer is not None:
-                    k_pages, v_pages, layer = k_pages[layer], v_pages[layer], None
+                    k_pages, v_pages, cache_layer = k_pages[layer], v_pages[layer], None
                 k_pages, v_pages = k_pages[:, : self.ctx_len], v_pages[:, : self.ctx_len]
             block_tables = block_tables[:, : -(-self.ctx_len // page_size)]
-        c = self.cfg
+        c, dt, n = self.cfg, self.dtype, self.stack
         with jax.named_scope("attention"):
-            h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="attn_norm")(x)
-            attn = Attention(c, self.dtype, self.quant, name="attn")
-            a, k, v = attn(h, cos, sin, k_pages, v_pages, block_tables, ctx_lens, layer)
+            h = RMSNorm(c.rms_norm_eps, dtype=dt, stack=n, name="attn_norm")(x, layer)
+            attn = Attention(c, dt, self.quant, n, name="attn")
+            a, k, v = attn(h, cos, sin, k_pages, v_pages, block_tables, ctx_lens, cache_layer, layer)
             x = x + a
         with jax.named_scope("mlp"):
-            h = RMSNorm(c.rms_norm_eps, dtype=self.dtype, name="mlp_norm")(x)
+            h = RMSNorm(c.rms_norm_eps, dtype=dt, stack=n, name="mlp_norm")(x, layer)
             mlp_params = (W[("layers", "mlp", "gate_up")], W[("layers", "mlp", "down")])
-            x = x + GatedMLP(c, self.dtype, self.quant, mlp_params, name="mlp")(h)
+            x = x + GatedMLP(c, dt, self.quant, mlp_params, n, name="mlp")(h, layer)
         return x, (k, v)
 
 
@@ -127,14 +135,14 @@ class Transformer(nn.Module):
         if self.scan_layers:
             if isinstance(k_cache, tuple):
                 raise ValueError("scanned layers take the stacked KV cache: KVCache.zeros(per_layer=False)")
+            # The params go in whole (broadcast) with a leading layer axis of their own, read at the index.
             layers = nn.scan(
                 DecoderLayer,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
+                variable_broadcast="params",
+                split_rngs={"params": False},
                 in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=c.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, dt, layer_ctx, self.quant, name="layers")
+            )(c, dt, layer_ctx, self.quant, c.num_layers, name="layers")
             x, (k_new, v_new) = layers(x, shared, (k_cache, v_cache), jnp.arange(c.num_layers, dtype=jnp.int32))
         else:
             ks, vs = [], []

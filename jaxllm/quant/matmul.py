@@ -17,13 +17,15 @@ import jax.numpy as jnp
 from jaxllm.quant.format import QuantizedWeight
 
 
-def einsum(spec: str, x: jax.Array, w, **kwargs) -> jax.Array:
+def einsum(spec: str, x: jax.Array, w, layer=None, **kwargs) -> jax.Array:
     """`jnp.einsum(spec, x, w)` where w may be a `QuantizedWeight` (then the result is float32).
 
     spec: a two-operand einsum with the weight second, e.g. "btd,dkgh->btkgh"; '...' may lead x's letters.
+    layer: with stacked weights [layers, ...], the layer to use ([] int32); a quantized stack goes to the
+    kernel whole with the index, so that no layer's weights are copied out first.
     """
     if not isinstance(w, QuantizedWeight):
-        return jnp.einsum(spec, x, w, **kwargs)
+        return jnp.einsum(spec, x, w if layer is None else w[layer], **kwargs)
     from jaxllm.kernels.qmatmul import qmatmul
 
     xs, ws, out = _expand(spec, x.ndim)
@@ -37,7 +39,7 @@ def einsum(spec: str, x: jax.Array, w, **kwargs) -> jax.Array:
         raise ValueError(f"quantized einsum {spec!r}: x contracts {[sizes[c] for c in contracted]}, w {w.in_shape}")
     x2 = jnp.transpose(x, [xs.index(c) for c in batch + contracted])
     lead = x2.shape[: len(batch)]
-    y = qmatmul(x2.reshape(math.prod(lead), w.k), w).reshape(*lead, *w.out_shape)
+    y = qmatmul(x2.reshape(math.prod(lead), w.k), w, layer).reshape(*lead, *w.out_shape)
     return jnp.transpose(y, [(batch + kept).index(c) for c in out])
 
 
