@@ -3,15 +3,18 @@
 SmolLM2-135M shapes, each stacked over `--layers` layers (the LM head over 3 copies) and run as a layer
 scan that reads layer i of the stack, as a model step does, so that the weights stream from memory rather
 than from cache. Prints a markdown table of the median time per matmul after warm-up and the weight bytes
-read per second (quantized bytes for native and reference; float32 bytes for the float dot). The machine
-may be shared and noisy: each figure is the best of `--rounds` medians, the implementations alternating.
+read per second (quantized bytes for native and reference; float32 bytes for the float dot). "int8 act" is
+the native kernel with `int8_activations=True` (x quantized per 32-block, integer dot products; the same
+as native for fp8, which keeps the float math). The machine may be shared and noisy: each figure is the
+best of `--rounds` medians, the implementations alternating.
 
-    python scripts/bench_qmatmul.py [--batches 1,8,32] [--layers 30] [--reps 7] [--rounds 3]
+    python scripts/bench_qmatmul.py [--batches 1,8,32] [--layers 30] [--reps 7] [--rounds 3] [--no-reference]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -94,12 +97,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES), help="name prefixes")
     p.add_argument("--formats", type=lambda s: s.split(","), default=list(FORMATS), help="name prefixes")
+    p.add_argument("--no-reference", action="store_true", help="skip the (slow) dequantize-then-dot reference")
     args = p.parse_args(argv)
     if not native.available():
         raise SystemExit("the native kernel is unavailable here")
     rng = np.random.default_rng(0)
-    print("| shape | format | M | native µs | GB/s | reference µs | GB/s | f32 dot µs | GB/s | vs f32 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ["shape", "format", "M", "native µs", "GB/s", "int8 act µs", "GB/s", "reference µs", "GB/s"]
+    head += ["f32 dot µs", "GB/s", "native vs f32", "int8 act vs f32", "int8 act vs native"]
+    print("| " + " | ".join(head) + " |")
+    print("|---|---|" + "---:|" * (len(head) - 2))
     for shape, (k, n) in SHAPES.items():
         if not any(shape.startswith(s) for s in args.shapes):
             continue
@@ -112,16 +118,27 @@ def main(argv=None) -> int:
                 continue
             w = make_weight(rng, kind, group, offset, layers, n, k)
             qbytes = w.nbytes / layers
-            fns = {"native": scan_layers(native.native_qmatmul, layers), "reference": scan_layers(reference, layers)}
+            int8_act = functools.partial(native.native_qmatmul, int8_activations=True)
+            fns = {"native": scan_layers(functools.partial(native.native_qmatmul, int8_activations=False), layers)}
+            if kind != "fp8":
+                fns["int8 act"] = scan_layers(int8_act, layers)
+            if not args.no_reference:
+                fns["reference"] = scan_layers(reference, layers)
             for m in args.batches:
                 x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
                 calls = {name: (fn, (x, w)) for name, fn in fns.items()}
                 calls["f32"] = (f32, (x, dense))
                 t = best_medians(calls, layers, args.reps, args.rounds)
                 tf = f32_times[m] = min(t["f32"], f32_times.get(m, float("inf")))
-                cells = [f"{t['native'] * 1e6:.0f}", f"{qbytes / t['native'] / 1e9:.1f}"]
-                cells += [f"{t['reference'] * 1e6:.0f}", f"{qbytes / t['reference'] / 1e9:.1f}"]
+                cells = []
+                for name in ("native", "int8 act", "reference"):
+                    cells += [f"{t[name] * 1e6:.0f}", f"{qbytes / t[name] / 1e9:.1f}"] if name in t else ["–", "–"]
                 cells += [f"{tf * 1e6:.0f}", f"{n * k * 4 / tf / 1e9:.1f}", f"{tf / t['native']:.2f}x"]
+                cells += (
+                    [f"{tf / t['int8 act']:.2f}x", f"{t['native'] / t['int8 act']:.2f}x"]
+                    if "int8 act" in t
+                    else ["–"] * 2
+                )
                 print(f"| {shape} | {fmt} | {m} | " + " | ".join(cells) + " |", flush=True)
         del dense
     return 0

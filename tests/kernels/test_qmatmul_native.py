@@ -152,3 +152,114 @@ def test_what_it_does_not_take_raises_value_error_while_tracing(change, match):
     x, w = change(x, w)
     with pytest.raises(ValueError, match=match):
         jax.jit(native.native_qmatmul).lower(x, w)
+
+
+# The integer path (int8_activations): x quantized per 32-block to int8 as Q8_0, integer dot products.
+
+INT_KINDS = ("uint4", "int8")
+
+
+def q8_blocks(x) -> tuple[np.ndarray, np.ndarray]:
+    """x [M, K] -> (x^ [M, K], absmax [M, blocks]): Q8_0 of each 32-block (the last one zero-padded)."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    blocks = -(-k // 32)
+    b = np.pad(x, ((0, 0), (0, blocks * 32 - k))).reshape(m, blocks, 32)
+    absmax = np.abs(b).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(absmax > 0, np.float32(127) / absmax, np.float32(0)).astype(np.float32)
+    x_hat = np.rint(b * inv[..., None]) * (absmax / np.float32(127))[..., None]
+    return x_hat.reshape(m, -1)[:, :k].astype(np.float32), absmax
+
+
+def assert_within_int8_bound(out, expected, x, w):
+    """|out - expected| <= sum_b (absmax_b / 254) sum_{k in b} |w[n, k]|, plus TOL of sum_k |x| |w| for float
+    rounding; also equal (to TOL) to the reference run on x quantized per block in numpy."""
+    out, expected = np.asarray(out), np.asarray(expected)
+    assert out.shape == expected.shape and out.dtype == np.float32
+    w_abs = np.abs(np.asarray(w.dequantize()))
+    x_hat, absmax = q8_blocks(x)
+    blocks = absmax.shape[1]
+    w_blocks = np.pad(w_abs, ((0, 0), (0, blocks * 32 - w.k))).reshape(w_abs.shape[0], blocks, 32).sum(-1)
+    rounding = TOL * (np.abs(np.asarray(x)) @ w_abs.T) + 1e-30
+    np.testing.assert_array_less(np.abs(out - expected), (absmax / 254) @ w_blocks.T + rounding)
+    np.testing.assert_array_less(np.abs(out - np.asarray(reference(jnp.asarray(x_hat), w))), rounding)
+
+
+@pytest.mark.parametrize("kind", INT_KINDS)
+@pytest.mark.parametrize("offset", [True, False], ids=["offset", "no-offset"])
+@pytest.mark.parametrize("group", [32, 64, 128, "K"])
+@pytest.mark.parametrize("m", [1, 3, 8, 32])
+def test_int8_activations_stay_within_the_bound(kind, offset, group, m):
+    # K=600: a partial last block; 608 and 576: an odd number of blocks (half a 64-value pair).
+    odd = {32: 608, 64: 576, 128: 384, "K": 608}[group]
+    for n, k in ((7, 256), (100, 640 if group != "K" else 600), (5, odd)):
+        g = k if group == "K" else group
+        w = make_weight(hash((kind, offset, g, m, n, "int8")) % 2**32, kind, n, k, g, offset)
+        x = make_x(m + 100, m, k)
+        assert_within_int8_bound(native.native_qmatmul(x, w, int8_activations=True), reference(x, w), x, w)
+
+
+@pytest.mark.parametrize("kind", INT_KINDS)
+@pytest.mark.parametrize("m", [1, 8])
+def test_int8_activations_read_the_given_layer_of_the_stack_under_jit(kind, m):
+    w = make_weight(7, kind, 37, 1536, 32, offset=True, layers=3)
+    poison = lambda a, v: a.at[0].set(v).at[2].set(v)  # layers 0 and 2: NaN scale and offset
+    stacked = QuantizedWeight(
+        poison(w.q, 0), poison(w.scale, jnp.nan), poison(w.offset, jnp.nan), kind, 32, (1536,), (37,)
+    )
+    x = make_x(8, m, 1536)
+    out = jax.jit(lambda x, w, i: native.native_qmatmul(x, w, i, int8_activations=True))(x, stacked, jnp.int32(1))
+    assert np.isfinite(np.asarray(out)).all()
+    one = jax.tree.map(lambda a: a[1], w)
+    assert_within_int8_bound(out, reference(x, one), x, one)
+    np.testing.assert_array_equal(out, native.native_qmatmul(x, one, int8_activations=True))
+
+
+def test_int8_activations_leave_fp8_and_group_16_to_the_float_math():
+    for kind, group in (("fp8", 32), ("uint4", 16), ("int8", 16)):
+        w = make_weight(9, kind, 20, 256, group)
+        x = make_x(10, 3, 256)
+        exact = native.native_qmatmul(x, w, int8_activations=False)
+        np.testing.assert_array_equal(native.native_qmatmul(x, w, int8_activations=True), exact)
+
+
+def test_int8_activations_follow_the_environment_when_not_given(monkeypatch):
+    w, x = make_weight(11, "uint4", 16, 256, 32), make_x(12, 2, 256)
+    exact, quantized = (native.native_qmatmul(x, w, int8_activations=v) for v in (False, True))
+    assert not np.array_equal(exact, quantized)
+    monkeypatch.setenv("JAXLLM_QMATMUL_INT8_ACT", "1")
+    np.testing.assert_array_equal(native.native_qmatmul(x, w), quantized)
+    monkeypatch.setenv("JAXLLM_QMATMUL_INT8_ACT", "0")
+    np.testing.assert_array_equal(native.native_qmatmul(x, w), exact)
+
+
+def test_int8_activations_carry_nan_and_infinity_in_x_to_the_row():
+    w = make_weight(13, "int8", 9, 256, 32, offset=False)
+    x = make_x(14, 3, 256).at[1, 40].set(jnp.nan).at[2, 200].set(jnp.inf)
+    out = np.asarray(native.native_qmatmul(x, w, int8_activations=True))
+    assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()
+
+
+@pytest.mark.parametrize("flag", ["-mno-avx512vnni", "-mno-avx512f"])
+def test_int8_activations_without_vnni_give_the_same_sums(flag):
+    """Built without VNNI (or AVX-512), the integer path runs its portable loop: within float rounding of
+    the VNNI path, and so within the same bound."""
+    target = f"jaxllm_qmatmul_int_{flag[6:]}"
+    lib = ctypes.cdll.LoadLibrary(str(native_build.build(native.SOURCE, target, [*native_build.FLAGS, flag])))
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxllmQMatmulF32), platform="cpu")
+    for i, (kind, offset, group, m, k) in enumerate(
+        [
+            ("int8", False, 32, 3, 640),
+            ("uint4", True, 32, 8, 608),
+            ("int8", True, 64, 1, 640),
+            ("uint4", False, 600, 5, 600),
+        ]
+    ):
+        w = make_weight(30 + i, kind, 9, k, group, offset)
+        x = make_x(31 + i, m, k)
+        out = native._call(target, x, w, None, int8_activations=True)
+        assert_within_int8_bound(out, reference(x, w), x, w)
+        vnni = native.native_qmatmul(x, w, int8_activations=True)
+        bound = np.abs(np.asarray(x)) @ np.abs(np.asarray(w.dequantize())).T
+        np.testing.assert_array_less(np.abs(np.asarray(out) - np.asarray(vnni)), TOL * bound)

@@ -6,7 +6,18 @@ registers, each decode serving 4 rows of x, so that a batch-1 step streams the w
 bandwidth (fewer bytes than float32: faster) and larger batches run at the FMA units' peak. The math is
 the reference's float math (each weight dequantized as `scale * value + offset` in one fused
 multiply-add, float32 accumulation): results differ from it only by float32 summation order, well within
-1e-5 of sum_k |x[m, k]| |w[n, k]|. Activations are not quantized.
+1e-5 of sum_k |x[m, k]| |w[n, k]|. Activations are not quantized, unless asked:
+
+With `int8_activations` (int8 and uint4 weights, groups that are multiples of 32 or all of K), each row
+of x is first quantized into int8 blocks of 32 as llama.cpp's Q8_0 (d = absmax / 127, q = round(x / d)),
+and the weights are dotted with it in integers (AVX-512 VNNI, 64 multiply-adds per instruction), each
+block's sum scaled once by d * the weight's scale; the offset term uses d * (the block's sum of q). As
+|x - d q| <= absmax / 254 for every element of a block, the result is within
+
+    |y[m, n] - y^[m, n]| <= sum over blocks b of (absmax(x[m, b]) / 254) * sum_{k in b} |w[n, k]|
+
+of the reference, plus float32 rounding as above. fp8 weights and groups of 16 keep the float math.
+`int8_activations=None` reads $JAXLLM_QMATMUL_INT8_ACT ("1": on; otherwise off).
 
 It reads the stacked weight [layers, N, ...] at a layer index, so a layer scan hands it the whole stack
 by reference: an operand sliced per layer would be copied for the call. The C++ source is compiled once
@@ -18,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from pathlib import Path
 
 import jax
@@ -83,20 +95,23 @@ def _check(x, w: QuantizedWeight, stacked: bool) -> None:
             raise ValueError(f"scale and offset must be float32 [..., {n}, {k // group}], got {a.dtype} {a.shape}")
 
 
-def native_qmatmul(x: jax.Array, w: QuantizedWeight, layer=None) -> jax.Array:
+def native_qmatmul(x: jax.Array, w: QuantizedWeight, layer=None, *, int8_activations: bool | None = None) -> jax.Array:
     """x [M, K] float32 times the quantized w [N, K] transposed -> [M, N] float32, as `reference.qmatmul`.
 
     w may be stacked [L, N, ...] and read at `layer` ([] int32); with layer None it is one matrix. Kinds
-    int8, uint4 and fp8, with or without offset, groups that are multiples of 16 or all of K. Raises
-    ValueError (while tracing) for what it does not take, and NativeKernelUnavailable when the kernel
-    cannot be built here.
+    int8, uint4 and fp8, with or without offset, groups that are multiples of 16 or all of K.
+    int8_activations: quantize x to int8 blocks of 32 and dot in integers (see the module docstring for
+    the error bound); None: $JAXLLM_QMATMUL_INT8_ACT == "1". Raises ValueError (while tracing) for what it
+    does not take, and NativeKernelUnavailable when the kernel cannot be built here.
     """
     _check(x, w, stacked=layer is not None)
     _register()
-    return _call(TARGET, x, w, layer)
+    if int8_activations is None:
+        int8_activations = os.environ.get("JAXLLM_QMATMUL_INT8_ACT") == "1"
+    return _call(TARGET, x, w, layer, int8_activations)
 
 
-def _call(target: str, x, w: QuantizedWeight, layer) -> jax.Array:
+def _call(target: str, x, w: QuantizedWeight, layer, int8_activations: bool = False) -> jax.Array:
     """The FFI call to `target` (a build of `SOURCE`) on checked operands."""
     q, scale, offset = w.q, w.scale, w.offset
     if layer is None:
@@ -106,4 +121,12 @@ def _call(target: str, x, w: QuantizedWeight, layer) -> jax.Array:
         offset = jnp.zeros((0,), jnp.float32)
     m, n = x.shape[0], q.shape[1]
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))
-    return call(x, q, scale, offset, jnp.asarray(layer, jnp.int32), group=np.int64(w.group))
+    return call(
+        x,
+        q,
+        scale,
+        offset,
+        jnp.asarray(layer, jnp.int32),
+        group=np.int64(w.group),
+        int8_activations=np.int64(int8_activations),
+    )
