@@ -84,23 +84,12 @@ def common_format(formats) -> Format:
 
 
 def concat_rows(parts: list[QuantRows]) -> QuantRows:
-    """Rows of several tensors stacked in order, in their common format."""
+    """Rows of several tensors one after the other, in their common format."""
     fmt = common_format(p.format for p in parts)
     parts = [p.widen(fmt) for p in parts]
-    off = None if not fmt.offset else np.concatenate([p.offset for p in parts])
-    return QuantRows(
-        fmt.kind, fmt.group, np.concatenate([p.values for p in parts]), np.concatenate([p.scale for p in parts]), off
-    )
-
-
-def stack_layers(layers: list[QuantRows]) -> QuantRows:
-    """Per-layer rows in their common format, with a leading layer axis on every array."""
-    fmt = common_format(p.format for p in layers)
-    layers = [p.widen(fmt) for p in layers]
-    off = None if not fmt.offset else np.stack([p.offset for p in layers])
-    return QuantRows(
-        fmt.kind, fmt.group, np.stack([p.values for p in layers]), np.stack([p.scale for p in layers]), off
-    )
+    join = np.concatenate
+    off = join([p.offset for p in parts]) if fmt.offset else None
+    return QuantRows(fmt.kind, fmt.group, join([p.values for p in parts]), join([p.scale for p in parts]), off)
 
 
 def to_weight(rows: QuantRows, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> QuantizedWeight:

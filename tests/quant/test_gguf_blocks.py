@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 
 from jaxllm.quant.gguf_blocks import DECODERS, block_format, repack
-from jaxllm.quant.rows import Format, concat_rows, stack_layers, to_weight
+from jaxllm.quant.rows import Format, concat_rows, to_weight
 
 # byte offsets of each type's float16 fields (d, and m/dmin where present) within a block
 F16_FIELDS = {
@@ -46,14 +46,12 @@ def test_every_block_type_decodes_like_gguf(type_name):
     np.testing.assert_array_equal(np.asarray(packed.dequantize()), want)
 
 
-def test_fused_and_stacked_rows_widen_losslessly():
+def test_fused_rows_widen_losslessly():
     k = 256
     parts = [repack(random_blocks(t, 3, k, i), t, 3, k) for i, t in enumerate(["Q4_1", "Q6_K", "Q8_0"])]
     fused = concat_rows(parts)
     assert fused.format == Format("int8", 16, True)
     np.testing.assert_array_equal(fused.dequantize(), np.concatenate([p.dequantize() for p in parts]))
-    stacked = stack_layers([parts[0], parts[2]])
-    np.testing.assert_array_equal(stacked.values.shape, (2, 3, k))
 
 
 def test_a_row_permutation_moves_whole_rows():
