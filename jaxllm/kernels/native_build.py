@@ -1,9 +1,10 @@
 """Building native CPU kernels: a C++ source compiled on first use into a cache keyed by what shapes the binary.
 
 A kernel's `.so` is compiled once per machine (C++ compiler: `$CXX`, else `g++`, else `c++`) into
-`~/.cache/jaxllm/kernels`, keyed by its source, jaxlib's version (the FFI headers), the flags and the
-CPU's instruction sets (kernels are built with -march=native). Without a compiler, or when the build
-fails, `build` raises `NativeKernelUnavailable` with a one-line reason, and callers use their reference.
+`~/.cache/jaxllm/kernels`, keyed by its source and the local headers it includes, jaxlib's version (the
+FFI headers), the flags and the CPU's instruction sets (kernels are built with -march=native). Without a
+compiler, or when the build fails, `build` raises `NativeKernelUnavailable` with a one-line reason, and
+callers use their reference.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +23,9 @@ from pathlib import Path
 # assumption, so infinities and NaN behave as in the references.
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
 FLAGS += ("-shared", "-fPIC", "-std=c++17", "-w")
+
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 class NativeKernelUnavailable(RuntimeError):
@@ -43,6 +48,24 @@ def cpu_fingerprint() -> str:
     return f"{platform.machine()} {flags}"
 
 
+def local_sources(source: Path) -> list[Path]:
+    """`source` and the files it includes as `#include "..."` found beside the includer, recursively.
+
+    Those are the build's own files (the rest comes from the FFI headers, keyed by jaxlib's version), so a
+    change to any of them changes the build key. Raises OSError when one cannot be read.
+    """
+    found, todo = [], [Path(source)]
+    while todo:
+        path = todo.pop()
+        if path in found:
+            continue
+        found.append(path)
+        for name in _LOCAL_INCLUDE.findall(path.read_text()):
+            if (path.parent / name).is_file():
+                todo.append(path.parent / name)
+    return found
+
+
 def build_dir() -> Path:
     from jaxllm.compile_cache import cache_root
 
@@ -55,7 +78,8 @@ def build_dir() -> Path:
 def build(source: Path, stem: str, flags: Sequence[str] = FLAGS, compiler: str | None = None) -> Path:
     """Compile `source` into `<build dir>/<stem>-<key>.so` unless it exists; return the library path.
 
-    The key covers the source, jaxlib's version, `flags` and the CPU. `compiler` None: `find_compiler()`.
+    The key covers the source and its local headers (`local_sources`), jaxlib's version, `flags` and the
+    CPU. `compiler` None: `find_compiler()`.
     """
     import jax
     import jaxlib
@@ -68,7 +92,8 @@ def build(source: Path, stem: str, flags: Sequence[str] = FLAGS, compiler: str |
     for part in (jaxlib.__version__, " ".join(flags), cpu_fingerprint()):
         key.update(part.encode())
     try:
-        key.update(source.read_bytes())
+        for path in local_sources(source):
+            key.update(path.name.encode() + b"\0" + path.read_bytes())
     except OSError as e:
         raise NativeKernelUnavailable(f"cannot read {source.name}: {e}") from None
     out = build_dir() / f"{stem}-{key.hexdigest()}.so"

@@ -8,6 +8,7 @@ with the other layers poisoned with NaN.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,55 @@ def test_the_portable_path_matches_too():
         w = make_weight(20 + i, kind, 9, 600 if group == 600 else 640, group, offset)
         x = make_x(21 + i, m, w.k)
         assert_close(native._call("jaxllm_qmatmul_portable", x, w, None), reference(x, w), x, w)
+
+
+def test_the_build_key_covers_every_header_the_source_includes(tmp_path, monkeypatch):
+    """The key is in the library's name: an edited header gives another name, so a rebuild."""
+    names = {path.name for path in native_build.local_sources(native.SOURCE)}
+    assert names == {f"native_qmatmul{s}" for s in (".cc", "_common.h", "_float.h", "_int8.h", "_threads.h")}
+    for name in names:
+        (tmp_path / name).write_text((native.SOURCE.parent / name).read_text())
+    built = []
+
+    def fake_compile(cmd, **kwargs):
+        built.append(cmd[-1])
+        open(cmd[-1], "w").close()
+        return native_build.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(native_build, "build_dir", lambda: tmp_path)
+    monkeypatch.setattr(native_build.subprocess, "run", fake_compile)
+    source = tmp_path / "native_qmatmul.cc"
+    first = native_build.build(source, "k", compiler="c++")
+    assert native_build.build(source, "k", compiler="c++") == first and len(built) == 1
+    header = tmp_path / "native_qmatmul_float.h"
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert native_build.build(source, "k", compiler="c++") != first and len(built) == 2
+
+
+def test_calls_from_two_python_threads_at_once_give_each_its_own_answer():
+    """Two threads dispatch at once: the helpers serve one call at a time, and no call waits on the other's."""
+    ws = [make_weight(40 + i, kind, 1000, 576, 32, offset=i == 0) for i, kind in enumerate(("uint4", "int8"))]
+    xs = [make_x(41 + i, m, 576) for i, m in enumerate((1, 5))]
+    fns = [jax.jit(lambda x, w: native.native_qmatmul(x, w)) for _ in ws]
+    expected = [np.asarray(fn(x, w)) for fn, x, w in zip(fns, xs, ws, strict=True)]
+    for x, w, e in zip(xs, ws, expected, strict=True):
+        assert_close(e, reference(x, w), x, w)
+    results = [[], []]
+
+    def loop(i):
+        for _ in range(100):
+            results[i].append(np.asarray(fns[i](xs[i], ws[i])))
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for i in range(2):
+        assert len(results[i]) == 100
+        for r in results[i]:
+            np.testing.assert_array_equal(r, expected[i])
 
 
 def test_many_independent_calls_in_one_step_do_not_deadlock_the_thread_pool():
