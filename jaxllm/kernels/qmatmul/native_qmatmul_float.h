@@ -212,7 +212,7 @@ void Run(ffi::ThreadPool& pool, const Problem& p_in) {
     paired = PairX(p);
     p.x = paired.data();
   }
-  ParallelFor(pool, tasks, 0, [&p](int64_t t, float*) {
+  ParallelFor(pool, p.m, tasks, 0, [&p](int64_t t, float*) {
     const int64_t n1 = std::min(p.n, (t + 1) * kTaskRows);
     for (int64_t n0 = t * kTaskRows; n0 < n1; n0 += kRows) {
       // The 4 rows' bytes stay in L1 while every 4 rows of x take their turn.
@@ -231,7 +231,7 @@ void Run(ffi::ThreadPool& pool, const Problem& p_in) {
     }
   });
 #else
-  ParallelFor(pool, tasks, p.k, [&p](int64_t t, float* row) {
+  ParallelFor(pool, p.m, tasks, p.k, [&p](int64_t t, float* row) {
     ScalarTask<kKind, kOffset>(p, t * kTaskRows, std::min(p.n, (t + 1) * kTaskRows), row);
   });
 #endif

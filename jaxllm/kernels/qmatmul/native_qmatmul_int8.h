@@ -254,7 +254,7 @@ void RunInt(ffi::ThreadPool& pool, const Problem& p) {
   const int scales = p.group % kPair == 0 || p.groups == 1 ? kScaleUniform
                      : p.group == kQBlock                   ? kScalePerBlock
                                                             : kScaleAny;
-  ParallelFor(pool, tasks, 0, [&p, &x, scales](int64_t t, float*) {
+  ParallelFor(pool, p.m, tasks, 0, [&p, &x, scales](int64_t t, float*) {
     const int64_t n1 = std::min(p.n, (t + 1) * kTaskRows);
     for (int64_t n0 = t * kTaskRows; n0 < n1; n0 += kRows) {
       for (int64_t m0 = 0; m0 < p.m; m0 += kBatchRows) {
@@ -268,7 +268,7 @@ void RunInt(ffi::ThreadPool& pool, const Problem& p) {
     }
   });
 #else
-  ParallelFor(pool, tasks, x.blocks * kQBlock / 4, [&p, &x](int64_t t, float* scratch) {
+  ParallelFor(pool, p.m, tasks, x.blocks * kQBlock / 4, [&p, &x](int64_t t, float* scratch) {
     IntScalarTask<kUint4W, kOffset>(p, x, t * kTaskRows, std::min(p.n, (t + 1) * kTaskRows),
                                     reinterpret_cast<int8_t*>(scratch));
   });
