@@ -9,7 +9,9 @@ callers use their reference.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import platform
 import re
@@ -110,3 +112,31 @@ def build(source: Path, stem: str, flags: Sequence[str] = FLAGS, compiler: str |
         raise NativeKernelUnavailable(f"{compiler} could not build {source.name}: {first}")
     os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
     return out
+
+
+def load_and_register(library: Path, symbol: str, target: str) -> ctypes.CDLL:
+    """Load a built kernel library and register its FFI handler `symbol` as the CPU custom call `target`.
+
+    The caller keeps the returned library (e.g. in a cached function): it must stay loaded while the
+    target is registered."""
+    import jax
+
+    lib = ctypes.cdll.LoadLibrary(str(library))
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return lib
+
+
+def usable(register, what: str) -> bool:
+    """Whether `register()` (build, load, register) succeeds here, on the CPU backend; logs why not.
+
+    what: the kernel, as the warning names it ("qmatmul: the native CPU kernel")."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return False
+    try:
+        register()
+    except (NativeKernelUnavailable, OSError) as e:
+        logging.getLogger(__name__).warning("%s is unavailable (%s); using the reference", what, e)
+        return False
+    return True

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import jax
@@ -27,8 +26,6 @@ from jaxllm.kernels import native_build
 from jaxllm.kernels.native_build import NativeKernelUnavailable
 
 __all__ = ["NativeKernelUnavailable", "available", "build", "native_decode_attention"]
-
-log = logging.getLogger(__name__)
 
 TARGET = "jaxllm_paged_decode_f32"
 SOURCE = Path(__file__).with_name("native_decode.cc")
@@ -46,22 +43,13 @@ def build(compiler: str | None = None) -> Path:
 
 @functools.cache
 def _register() -> ctypes.CDLL:
-    lib = ctypes.cdll.LoadLibrary(str(build()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmPagedDecodeF32), platform="cpu")
-    return lib  # cached: the library must stay loaded while the target is registered
+    return native_build.load_and_register(build(), "JaxllmPagedDecodeF32", TARGET)  # cached: stays loaded
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered here (on the CPU backend); logs once why not."""
-    if jax.default_backend() != "cpu":
-        return False
-    try:
-        _register()
-    except (NativeKernelUnavailable, OSError) as e:
-        log.warning("attention: the native CPU decode kernel is unavailable (%s); using the reference", e)
-        return False
-    return True
+    return native_build.usable(_register, "attention: the native CPU decode kernel")
 
 
 def native_decode_attention(q, k_new, v_new, k_cache, v_cache, block_tables, ctx_lens, sliding_window=None, layer=None):

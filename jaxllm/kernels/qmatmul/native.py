@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 from pathlib import Path
 
@@ -42,8 +41,6 @@ from jaxllm.quant.format import QuantizedWeight
 
 __all__ = ["NativeKernelUnavailable", "available", "build", "native_qmatmul"]
 
-log = logging.getLogger(__name__)
-
 TARGET = "jaxllm_qmatmul_f32"
 SOURCE = Path(__file__).with_name("native_qmatmul.cc")
 Q_DTYPES = {"int8": jnp.int8, "uint4": jnp.uint8, "fp8": jnp.float8_e4m3fn}
@@ -56,22 +53,13 @@ def build(compiler: str | None = None) -> Path:
 
 @functools.cache
 def _register() -> ctypes.CDLL:
-    lib = ctypes.cdll.LoadLibrary(str(build()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxllmQMatmulF32), platform="cpu")
-    return lib  # cached: the library must stay loaded while the target is registered
+    return native_build.load_and_register(build(), "JaxllmQMatmulF32", TARGET)  # cached: stays loaded
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered here (on the CPU backend); logs once why not."""
-    if jax.default_backend() != "cpu":
-        return False
-    try:
-        _register()
-    except (NativeKernelUnavailable, OSError) as e:
-        log.warning("qmatmul: the native CPU kernel is unavailable (%s); using the reference", e)
-        return False
-    return True
+    return native_build.usable(_register, "qmatmul: the native CPU kernel")
 
 
 def _check(x, w: QuantizedWeight, stacked: bool) -> None:
