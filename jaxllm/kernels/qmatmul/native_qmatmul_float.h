@@ -52,11 +52,7 @@ inline void Values32(const uint8_t* row, int64_t k, __m512& v0, __m512& v1) {
     const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
     v0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
     v1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)));
-  } else if constexpr (kKind == kUint4Paired) {  // elements k, k + 2, ..., then k + 1, k + 3, ...
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-    v0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0xF)));
-    v1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-  } else {
+  } else {  // (kUint4Paired reads through its table in RowReader::Weights32)
     v0 = Values16<kKind>(row, k);
     v1 = Values16<kKind>(row, k + kBlock);
   }
