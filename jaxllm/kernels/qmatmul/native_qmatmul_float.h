@@ -160,8 +160,10 @@ void FusedTile(const Problem& p, int64_t n0) {
       _Pragma("GCC unroll 8")
       for (int j = 0; j < kRows; ++j) {
         rows[j].Weights32(k, w0[j], w1[j]);
-        // One core streams too few lines at once to reach memory bandwidth: ask for the next tile's.
-        _mm_prefetch(reinterpret_cast<const char*>(rows[j].q + ahead + (IsUint4(kKind) ? k / 2 : k)), _MM_HINT_T0);
+        // One core streams too few lines at once to reach memory bandwidth: ask for a later tile's (at one
+        // row of x, further ahead into L2, as the int8 loop above).
+        const int64_t at = (kM == 1 ? ahead_l2 : ahead) + (IsUint4(kKind) ? k / 2 : k);
+        _mm_prefetch(reinterpret_cast<const char*>(rows[j].q + at), kM == 1 ? _MM_HINT_T1 : _MM_HINT_T0);
       }
       _Pragma("GCC unroll 8")
       for (int i = 0; i < kM; ++i) {
