@@ -35,9 +35,8 @@ def add_quant_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_options(args: argparse.Namespace):
-    """The `LoadOptions` the quantization flags ask for."""
+    """The `LoadOptions` the quantization flags ask for (with --quant, --dequantize changes nothing: ISQ reads
+    the float weights anyway)."""
     from jaxllm.loading.load import LoadOptions
 
-    if args.quant and args.dequantize:
-        args.dequantize = False  # --quant quantizes the dequantized float weights anyway
     return LoadOptions(args.quant, args.dequantize, args.quant_embeddings)

@@ -30,7 +30,7 @@ def gguf_plan(gguf, params: dict[tuple[str, ...], Param], cfg: ModelConfig) -> Q
         layers = range(cfg.num_layers) if p.per_layer else [None]
         types = {}
         for i in layers:
-            for name in p.sources("hf", i):
+            for name in p.sources(i):
                 types.setdefault(gguf.type_name(name), name)
         if any(t in gguf_blocks.FLOAT_TYPES for t in types):
             continue

@@ -88,7 +88,7 @@ def assemble_params(
 
 def _float(p: Param, layer: int | None, read, cfg: ModelConfig, want) -> np.ndarray:
     """One layer's (or a global) float param: its sources read, concatenated along rows, reordered, laid out."""
-    names = p.sources("hf", layer)
+    names = p.sources(layer)
     rows = np.concatenate([read(n) for n in names], axis=0) if len(names) > 1 else read(names[0])
     if p.kind != "vector":
         _checked(rows, _torch_shape(p, cfg), names[0])
@@ -102,7 +102,7 @@ def _float(p: Param, layer: int | None, read, cfg: ModelConfig, want) -> np.ndar
 
 def _quantized(p: Param, layer: int | None, read_rows, cfg: ModelConfig, fmt: Format, want) -> QuantizedWeight:
     """One layer's (or a global) quantized param, packed as numpy arrays in `fmt`."""
-    names = p.sources("hf", layer)
+    names = p.sources(layer)
     rows = concat_rows([read_rows(n) for n in names])
     _checked(rows.values, _torch_shape(p, cfg), names[0])
     if p.rows is not None:

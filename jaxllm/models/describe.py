@@ -53,10 +53,9 @@ class Param:
     def name(self) -> str:
         return "/".join(self.path)
 
-    def sources(self, fmt: str, layer: int | None) -> list[str]:
-        """The source tensor names in the 'hf' or 'gguf' naming, for `layer` when per-layer."""
-        names = self.hf if fmt == "hf" else self.gguf
-        return [n.format(i=layer) for n in names]
+    def sources(self, layer: int | None) -> list[str]:
+        """The source tensors' Hugging Face names (every reader is addressed by them), for `layer` when per-layer."""
+        return [n.format(i=layer) for n in self.hf]
 
     def float_layout(self, rows: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         """Concatenated, reordered source rows [N, K] -> this param's float array."""
