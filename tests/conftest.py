@@ -167,9 +167,25 @@ def requantize_gguf(src, dst, type_name: str):
     writer.close()
 
 
+def _requantized(src, tmp_path_factory, type_name: str):
+    dst = tmp_path_factory.mktemp("gguf") / f"SmolLM2-135M-Instruct.{type_name}.gguf"
+    requantize_gguf(src, dst, type_name)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def smollm2_q8_0(smollm2_path, tmp_path_factory):
     """The packaged SmolLM2 with its Q4_1 tensors requantized to Q8_0 (a GGUF written here)."""
-    dst = tmp_path_factory.mktemp("gguf") / "SmolLM2-135M-Instruct.Q8_0.gguf"
-    requantize_gguf(smollm2_path, dst, "Q8_0")
-    return dst
+    return _requantized(smollm2_path, tmp_path_factory, "Q8_0")
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16(smollm2_path, tmp_path_factory):
+    """SmolLM2 with its Q4_1 tensors stored as F16 (the Q8_0 embedding stays)."""
+    return _requantized(smollm2_path, tmp_path_factory, "F16")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16(smollm2_path, tmp_path_factory):
+    """SmolLM2 with its Q4_1 tensors stored as BF16 (the Q8_0 embedding stays)."""
+    return _requantized(smollm2_path, tmp_path_factory, "BF16")

@@ -91,10 +91,10 @@ class GGUFFile:
     def read_rows(self, hf_name: str) -> QuantRows:
         """The tensor as stored, repacked losslessly into QuantRows [out, in] (Hugging Face row order).
 
-        Raises UnsupportedModelError for float tensors and block types without a repacking."""
+        Raises UnsupportedModelError for F32 tensors and block types without a repacking."""
         name, t = self._tensor(hf_name)
         kind = t.tensor_type.name
-        if kind not in gguf_blocks.DECODERS:
+        if kind not in gguf_blocks.KEPT_TYPES:
             raise UnsupportedModelError(
                 f"GGUF tensor {name} has type {kind}, which cannot be kept quantized: load it with dequantize=True"
             )

@@ -24,7 +24,8 @@ def _present(params: dict[tuple[str, ...], Param], cfg: ModelConfig):
 
 def gguf_plan(gguf, params: dict[tuple[str, ...], Param], cfg: ModelConfig) -> QuantPlan:
     """Each quantizable param in the narrowest format holding all of its GGUF sources exactly (over every
-    layer: stacked layers share one format); a param with any float source stays float."""
+    layer: stacked layers share one format). A param stays a float param (compute dtype) when a source is
+    F32, or when float sources (F16, BF16) mix with other types, which no one stored format holds exactly."""
     formats = []
     for p in _present(params, cfg):
         layers = range(cfg.num_layers) if p.per_layer else [None]
@@ -32,15 +33,19 @@ def gguf_plan(gguf, params: dict[tuple[str, ...], Param], cfg: ModelConfig) -> Q
         for i in layers:
             for name in p.sources(i):
                 types.setdefault(gguf.type_name(name), name)
-        if any(t in gguf_blocks.FLOAT_TYPES for t in types):
-            continue
         for t, name in types.items():
-            if t not in gguf_blocks.DECODERS:
+            if t not in gguf_blocks.KEPT_TYPES and t != "F32":
                 raise UnsupportedModelError(
                     f"GGUF tensor {name} has type {t}, which jaxllm cannot keep quantized: load it with "
                     f"dequantize=True (--dequantize), or use a file in {', '.join(gguf_blocks.DECODERS)}"
                 )
-        formats.append((p.path, common_format(gguf_blocks.block_format(t) for t in types)))
+        if "F32" in types:
+            continue
+        try:
+            fmt = common_format(gguf_blocks.block_format(t) for t in types)
+        except ValueError:
+            continue
+        formats.append((p.path, fmt))
     return QuantPlan(tuple(formats))
 
 

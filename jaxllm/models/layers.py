@@ -12,7 +12,7 @@ from flax import linen as nn
 from jaxllm import quant
 from jaxllm.config import ModelConfig
 from jaxllm.models.describe import Param
-from jaxllm.quant.format import QuantizedWeight
+from jaxllm.quant.format import Q_DTYPES, QuantizedWeight, stored_k
 from jaxllm.quant.plan import QuantPlan
 from jaxllm.quant.rows import Format
 
@@ -50,8 +50,7 @@ def _quantized_init(
     flattening, so splitting N or K into contiguous shards splits those logical dims."""
     n, k = math.prod(outs), math.prod(ins)
     group = fmt.group_for(k)
-    q_dtype = {"int8": jnp.int8, "uint4": jnp.uint8, "fp8": jnp.float8_e4m3fn}[fmt.kind]
-    q_k = k // 2 if fmt.kind == "uint4" else k
+    q_dtype, q_k = Q_DTYPES[fmt.kind], stored_k(fmt.kind, k)
 
     # One scale per row (per channel) has nothing along K to split.
     group_names = names if group < k else (names[0], None)

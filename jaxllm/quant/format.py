@@ -10,6 +10,8 @@ flattened from several logical dims) with groups of `group` consecutive values a
 - "uint4": uint8 [..., N, K // 2], two values in [0, 15] per byte: element 2j in the low nibble, 2j + 1 in
   the high one (Q4_*, Q2_K, Q3_K, int4 ISQ; signed formats carry their zero point in `offset`).
 - "fp8": float8_e4m3fn [..., N, K] (fp8 ISQ).
+- "f16", "bf16": float16 / bfloat16 [..., N, K] with group K and scale 1 (a GGUF F16/BF16 tensor kept in
+  its stored dtype: half the bytes of float32, read by the same kernels).
 scale and offset are float32 [..., N, K // group]. Leading dims (`...`) stack layers. Every GGUF block
 format maps onto this losslessly: its per-block (and per-sub-block) scales and minimums, multiplied out in
 float32, are exact.
@@ -24,7 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("int8", "uint4", "fp8")
+# kind -> dtype of `q`
+Q_DTYPES = {"int8": jnp.int8, "uint4": jnp.uint8, "fp8": jnp.float8_e4m3fn, "f16": jnp.float16, "bf16": jnp.bfloat16}
+KINDS = tuple(Q_DTYPES)
+# Kinds whose values are floats: they hold each other's values only when equal (no lossless widening).
+FLOAT_KINDS = ("fp8", "f16", "bf16")
+
+
+def stored_k(kind: str, k: int) -> int:
+    """The last dim of `q` for K values of `kind` (uint4 packs two to a byte)."""
+    return k // 2 if kind == "uint4" else k
 
 
 @jax.tree_util.register_dataclass

@@ -1,5 +1,8 @@
 """GGUF block formats repacked, losslessly, into `QuantRows`: integer values plus float32 group scales/offsets.
 
+F16 and BF16 tensors are kept as they are stored (kinds 'f16' and 'bf16', scale 1 per row); F32 ones are
+float params in the compute dtype.
+
 Each decoder takes a tensor's raw blocks uint8 [n_blocks, type_size] and returns values [n_blocks,
 block_size] with scale/offset [n_blocks, block_size // group], such that scale * value + offset, computed in
 float32, is bit-for-bit what `gguf.quants.dequantize` gives: a block's f16 scale times a sub-block's small
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxllm.quant.format import Q_DTYPES
 from jaxllm.quant.rows import Format, QuantRows
 
 QK_K = 256
@@ -129,11 +133,16 @@ DECODERS = {
     "Q6_K": (QK_K, 210, _q6_k),
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
+# GGUF float types kept in their stored dtype -> QuantRows kind
+KEPT_FLOAT_TYPES = {"F16": "f16", "BF16": "bf16"}
+KEPT_TYPES = (*DECODERS, *KEPT_FLOAT_TYPES)
 
 
 def block_format(type_name: str) -> Format | None:
-    """The `QuantRows` format a GGUF type repacks into (None for the float types)."""
-    if type_name in FLOAT_TYPES:
+    """The `QuantRows` format a GGUF type repacks into (None for F32, which loads as a float param)."""
+    if type_name in KEPT_FLOAT_TYPES:
+        return Format(KEPT_FLOAT_TYPES[type_name], 0, False)
+    if type_name not in DECODERS:
         return None
     block, size, decode = DECODERS[type_name]
     kind, group, _, _, offset = decode(np.zeros((1, size), np.uint8))
@@ -142,6 +151,10 @@ def block_format(type_name: str) -> Format | None:
 
 def repack(raw: np.ndarray, type_name: str, rows: int, k: int) -> QuantRows:
     """A tensor's raw bytes (any shape, `rows` rows of `k` values) -> QuantRows [rows, k]."""
+    if type_name in KEPT_FLOAT_TYPES:
+        kind = KEPT_FLOAT_TYPES[type_name]
+        values = np.ascontiguousarray(raw).view(Q_DTYPES[kind]).reshape(rows, k)
+        return QuantRows(kind, k, values, np.ones((rows, 1), np.float32), None)
     block, size, decode = DECODERS[type_name]
     if k % block:
         raise ValueError(f"rows of {k} values are not whole {type_name} blocks of {block}")

@@ -11,12 +11,12 @@ import dataclasses
 
 import numpy as np
 
-from jaxllm.quant.format import QuantizedWeight, pack_uint4
+from jaxllm.quant.format import FLOAT_KINDS, QuantizedWeight, pack_uint4
 
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-    """A storage format: kind ('int8', 'uint4', 'fp8'), group size along K (0: the whole row), offset or not."""
+    """A storage format: kind (see `quant.format`), group size along K (0: the whole row), offset or not."""
 
     kind: str
     group: int
@@ -28,8 +28,8 @@ class Format:
 
 @dataclasses.dataclass
 class QuantRows:
-    """values [rows, K] (uint8 for 'uint4', int8 for 'int8', float8_e4m3fn bytes for 'fp8'); scale, offset
-    float32 [rows, K // group] (offset None: zero)."""
+    """values [rows, K] (uint8 for 'uint4', int8 for 'int8', float8_e4m3fn for 'fp8', float16 / bfloat16 for
+    'f16' / 'bf16'); scale, offset float32 [rows, K // group] (offset None: zero)."""
 
     kind: str
     group: int
@@ -60,7 +60,7 @@ class QuantRows:
         groups, a zero offset added. Raises ValueError where the conversion would lose information."""
         if fmt == self.format:
             return self
-        if self.kind == "fp8" or fmt.kind == "fp8" and self.kind != "fp8":
+        if self.kind in FLOAT_KINDS or fmt.kind in FLOAT_KINDS:
             raise ValueError(f"cannot convert {self.kind} rows to {fmt.kind} without loss")
         if self.kind == "int8" and fmt.kind == "uint4":
             raise ValueError("cannot narrow int8 rows to uint4")
@@ -77,9 +77,9 @@ def common_format(formats) -> Format:
     """The narrowest format that holds every one of `formats` exactly (for fusing or stacking tensors)."""
     formats = list(formats)
     kinds = {f.kind for f in formats}
-    if "fp8" in kinds and kinds != {"fp8"}:
-        raise ValueError("fp8 rows cannot be combined with integer rows")
-    kind = "uint4" if kinds == {"uint4"} else ("fp8" if kinds == {"fp8"} else "int8")
+    if kinds & set(FLOAT_KINDS) and len(kinds) > 1:
+        raise ValueError(f"{' and '.join(sorted(kinds))} rows cannot be combined without loss")
+    kind = "int8" if kinds == {"uint4", "int8"} else kinds.pop()
     return Format(kind, min(f.group for f in formats), any(f.offset for f in formats))
 
 

@@ -23,6 +23,7 @@ from jaxllm.quant.format import QuantizedWeight, pack_uint4
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
 
 KINDS = ("int8", "uint4", "fp8")
+HALF_KINDS = {"f16": np.float16, "bf16": jnp.bfloat16}
 TOL = 1e-5
 
 
@@ -33,6 +34,8 @@ def make_weight(seed, kind, n, k, group, offset=True, layers=None) -> QuantizedW
         q = rng.integers(-128, 128, (*lead, n, k), dtype=np.int8)
     elif kind == "uint4":
         q = pack_uint4(rng.integers(0, 16, (*lead, n, k)))
+    elif kind in HALF_KINDS:  # a stored GGUF F16/BF16 tensor: group K, no offset
+        q = rng.standard_normal((*lead, n, k)).astype(HALF_KINDS[kind])
     else:  # every finite e4m3fn value, NaN excluded
         bits = rng.integers(0, 256, (*lead, n, k), dtype=np.uint8)
         bits[(bits & 0x7F) == 0x7F] &= 0xF0
@@ -116,13 +119,54 @@ def test_fp8_nan_and_subnormals_decode_as_in_the_reference():
     assert np.isnan(native.native_qmatmul(jnp.ones((1, 256)), w)).all()
 
 
+@pytest.mark.parametrize("kind", HALF_KINDS)
+@pytest.mark.parametrize("m", [1, 3, 8, 32, 64])
+def test_half_weights_match_reference(kind, m):
+    for n, k in ((7, 256), (100, 600)):
+        w = make_weight(hash((kind, m, n)) % 2**32, kind, n, k, k, offset=False)
+        x = make_x(m, m, k)
+        assert_close(native.native_qmatmul(x, w), reference(x, w), x, w)
+    stacked = make_weight(5, kind, 37, 576, 576, offset=False, layers=3)
+    out = jax.jit(native.native_qmatmul)(make_x(6, m, 576), stacked, jnp.int32(2))
+    one = jax.tree.map(lambda a: a[2], stacked)
+    np.testing.assert_array_equal(out, native.native_qmatmul(make_x(6, m, 576), one))
+
+
+@pytest.mark.parametrize("kind", HALF_KINDS)
+def test_every_finite_half_value_decodes_exactly_and_inf_and_nan_carry(kind):
+    bits = np.arange(2**16, dtype=np.uint16)
+    values = bits.view(HALF_KINDS[kind])
+    f32 = values.astype(np.float32)
+    # float32 subnormals (bf16's smallest values) are flushed to zero by XLA:CPU's float mode, as in the reference
+    finite = values[np.isfinite(f32) & ((np.abs(f32) >= np.finfo(np.float32).tiny) | (f32 == 0))]
+    finite = finite[: len(finite) // 16 * 16].reshape(-1, 16)  # [rows, 16]: each row of w one-hot read
+    w = QuantizedWeight(
+        jnp.asarray(finite), jnp.ones((len(finite), 1), jnp.float32), None, kind, 16, (16,), (len(finite),)
+    )
+    out = native.native_qmatmul(jnp.eye(16, dtype=jnp.float32), w)  # [16, rows] = w transposed
+    np.testing.assert_array_equal(np.asarray(out), finite.astype(np.float32).T)
+    special = np.ones((3, 16), np.float32)
+    special[0, 5], special[1, 9], special[2, 0] = np.inf, -np.inf, np.nan
+    w = QuantizedWeight(
+        jnp.asarray(special.astype(HALF_KINDS[kind])), jnp.ones((3, 1), jnp.float32), None, kind, 16, (16,), (3,)
+    )
+    out = np.asarray(native.native_qmatmul(jnp.ones((1, 16), jnp.float32), w))
+    assert out[0, 0] == np.inf and out[0, 1] == -np.inf and np.isnan(out[0, 2])
+
+
 def test_the_portable_path_matches_too():
     """Built without AVX-512, the kernel takes its plain C++ path; same cases, same answers."""
     flags = [*native_build.FLAGS, "-mno-avx512f"]
     lib = ctypes.cdll.LoadLibrary(str(native_build.build(native.SOURCE, "native_qmatmul_portable", flags)))
     jax.ffi.register_ffi_target("jaxllm_qmatmul_portable", jax.ffi.pycapsule(lib.JaxllmQMatmulF32), platform="cpu")
     for i, (kind, offset, group, m) in enumerate(
-        [("int8", False, 32, 3), ("uint4", True, 32, 8), ("fp8", True, 600, 1)]
+        [
+            ("int8", False, 32, 3),
+            ("uint4", True, 32, 8),
+            ("fp8", True, 600, 1),
+            ("f16", False, 600, 3),
+            ("bf16", False, 640, 1),
+        ]
     ):
         w = make_weight(20 + i, kind, 9, 600 if group == 600 else 640, group, offset)
         x = make_x(21 + i, m, w.k)

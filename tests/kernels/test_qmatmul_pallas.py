@@ -18,7 +18,7 @@ from jaxllm.quant.format import QuantizedWeight, pack_uint4
 
 F32_TOL = dict(atol=2e-4, rtol=2e-5)
 BF16_TOL = dict(atol=0.15, rtol=2e-2)  # the weight tile is rounded to bf16 before the dot
-QMAX = {"int8": 128.0, "uint4": 16.0, "fp8": 2.0}
+QMAX = {"int8": 128.0, "uint4": 16.0, "fp8": 2.0, "f16": 2.0, "bf16": 2.0}
 
 SMALL = QMatmulBlockSizes(block_m=16, block_n=32, block_k=64, split_k=2)
 
@@ -32,7 +32,8 @@ def make_weight(seed, kind, n, k, group, offset=True, layers=None):
     elif kind == "uint4":
         q = jnp.asarray(pack_uint4(rng.integers(0, 16, (*lead, n, k))))
     else:
-        q = jnp.asarray(rng.standard_normal((*lead, n, k)), jnp.float8_e4m3fn)
+        dtype = {"fp8": jnp.float8_e4m3fn, "f16": jnp.float16, "bf16": jnp.bfloat16}[kind]
+        q = jnp.asarray(rng.standard_normal((*lead, n, k)), dtype)
     groups = (*lead, n, k // group)
     scale = jnp.asarray(rng.uniform(0.5, 1.5, groups) / QMAX[kind], jnp.float32)
     off = jnp.asarray(rng.uniform(-1, 0, groups), jnp.float32) if offset else None
@@ -57,6 +58,13 @@ def test_kinds_and_groups(kind, offset, group):
     # block_k 64 against K=256: whole groups per tile (g32, g64) and parts of one group (g128, per channel).
     w = make_weight(0, kind, 32, 256, group, offset)
     assert_matches(make_x(1, 5, 256), w, block_sizes=SMALL, interpret=True)
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_half_weights_kept_as_stored(kind):
+    # a GGUF F16/BF16 tensor: one scale per row, no offset
+    w = make_weight(2, kind, 32, 256, 256, offset=False, layers=2)
+    assert_matches(make_x(3, 5, 256), w, jnp.int32(1), block_sizes=SMALL, interpret=True)
 
 
 @pytest.mark.parametrize("m", [1, 5, 16, 64])

@@ -39,10 +39,20 @@ def test_mixed_block_types_share_the_narrowest_exact_format():
     assert plan.get(("lm_head",)) is None  # tied: no separate head
 
 
-def test_a_float_source_keeps_the_param_float():
+def test_a_float_source_mixed_with_blocks_keeps_the_param_float():
     plan = gguf_plan(TypesOnly("Q8_0", **{"up_proj.weight": "F16"}), PARAMS, LLAMA3_8B)
     assert plan.get(("layers", "mlp", "gate_up")) is None
     assert plan.get(("layers", "mlp", "down")) == Format("int8", 32, False)
+
+
+def test_f16_and_bf16_tensors_stay_in_their_stored_dtype_and_f32_ones_are_float_params():
+    plan = gguf_plan(TypesOnly("F16", **{"o_proj.weight": "BF16", "down_proj.weight": "F32"}), PARAMS, LLAMA3_8B)
+    assert plan.get(("layers", "attn", "qkv")) == Format("f16", 0, False)
+    assert plan.get(("layers", "attn", "o")) == Format("bf16", 0, False)
+    assert plan.get(("embed",)) == Format("f16", 0, False)
+    assert plan.get(("layers", "mlp", "down")) is None
+    mixed = gguf_plan(TypesOnly("F16", **{"v_proj.weight": "BF16"}), PARAMS, LLAMA3_8B)
+    assert mixed.get(("layers", "attn", "qkv")) is None  # no one stored dtype holds both exactly
 
 
 def test_an_unsupported_type_names_the_tensor_and_the_type():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.quant import QuantizedWeight
+from jaxllm.quant.format import Q_DTYPES
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +59,21 @@ def test_gguf_loads_kept_quantized_by_default(kept, smollm2):
 @pytest.mark.parametrize("which", ["Q4_1", "Q8_0"])
 def test_logits_and_greedy_tokens_equal_the_dequantized_run(which, kept, smollm2, kept_q8, float_q8):
     quantized, reference = (kept, smollm2) if which == "Q4_1" else (kept_q8, float_q8)
+    _assert_same_run(quantized, reference)
+
+
+@pytest.mark.parametrize("which", ["f16", "bf16"])
+def test_f16_and_bf16_tensors_stay_in_their_dtype_and_run_as_the_float32_copy(which, request):
+    path = request.getfixturevalue(f"smollm2_{which}")
+    kept, full = LLM(str(path), progress=False), LLM(str(path), dequantize=True, progress=False)
+    qkv = kept.loaded.params["params"]["layers"]["attn"]["qkv"]
+    assert isinstance(qkv, QuantizedWeight) and qkv.kind == which and qkv.q.dtype == Q_DTYPES[which]
+    layers = lambda llm: sum(a.nbytes for a in jax.tree.leaves(llm.loaded.params["params"]["layers"]))
+    assert layers(kept) <= 0.51 * layers(full)  # two bytes a weight, and the float32 norms
+    _assert_same_run(kept, full)
+
+
+def _assert_same_run(quantized, reference):
     params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
     for ids in _prompts(reference):
         np.testing.assert_allclose(_logits(quantized, ids), _logits(reference, ids), atol=1e-3, rtol=0)

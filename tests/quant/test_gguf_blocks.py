@@ -46,6 +46,20 @@ def test_every_block_type_decodes_like_gguf(type_name):
     np.testing.assert_array_equal(np.asarray(packed.dequantize()), want)
 
 
+@pytest.mark.parametrize("type_name", ["F16", "BF16"])
+def test_f16_and_bf16_tensors_are_kept_as_stored(type_name):
+    rows, k = 5, 512
+    floats = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
+    raw = quants.quantize(floats, getattr(GGMLQuantizationType, type_name))
+    want = quants.dequantize(raw, getattr(GGMLQuantizationType, type_name)).reshape(rows, k)
+    got = repack(raw, type_name, rows, k)
+    assert got.kind == block_format(type_name).kind == type_name.lower() and got.values.itemsize == 2
+    np.testing.assert_array_equal(got.dequantize(), want)
+    np.testing.assert_array_equal(np.asarray(to_weight(got, (k,), (rows,)).dequantize()), want)
+    with pytest.raises(ValueError):
+        concat_rows([got, repack(random_blocks("Q8_0", 2, k), "Q8_0", 2, k)])
+
+
 def test_fused_rows_widen_losslessly():
     k = 256
     parts = [repack(random_blocks(t, 3, k, i), t, 3, k) for i, t in enumerate(["Q4_1", "Q6_K", "Q8_0"])]

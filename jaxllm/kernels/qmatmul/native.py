@@ -37,13 +37,12 @@ import numpy as np
 
 from jaxllm.kernels import native_build
 from jaxllm.kernels.native_build import NativeKernelUnavailable
-from jaxllm.quant.format import QuantizedWeight
+from jaxllm.quant.format import Q_DTYPES, QuantizedWeight, stored_k
 
 __all__ = ["NativeKernelUnavailable", "available", "build", "native_qmatmul"]
 
 TARGET = "jaxllm_qmatmul_f32"
 SOURCE = Path(__file__).with_name("native_qmatmul.cc")
-Q_DTYPES = {"int8": jnp.int8, "uint4": jnp.uint8, "fp8": jnp.float8_e4m3fn}
 
 
 def build(compiler: str | None = None) -> Path:
@@ -72,9 +71,11 @@ def _check(x, w: QuantizedWeight, stacked: bool) -> None:
         raise ValueError(f"x has K={k} but the weight contracts over {w.k}")
     if group <= 0 or k % group or (group % 16 and group != k) or (w.kind == "uint4" and k % 2):
         raise ValueError(f"the native qmatmul takes groups that are multiples of 16 or K, got {group} (K={k})")
+    if w.kind in ("f16", "bf16") and w.offset is not None:
+        raise ValueError(f"the native qmatmul takes {w.kind} weights without an offset")
     lead = 1 if stacked else 0
     n = w.q.shape[-2]
-    expect_q = (n, k // 2 if w.kind == "uint4" else k)
+    expect_q = (n, stored_k(w.kind, k))
     arrays = (w.q, w.scale) + ((w.offset,) if w.offset is not None else ())
     if w.q.ndim != 2 + lead or w.q.shape[lead:] != expect_q:
         raise ValueError(f"q must be {'[L, ' if stacked else '['}{expect_q[0]}, {expect_q[1]}], got {w.q.shape}")
@@ -87,7 +88,7 @@ def native_qmatmul(x: jax.Array, w: QuantizedWeight, layer=None, *, int8_activat
     """x [M, K] float32 times the quantized w [N, K] transposed -> [M, N] float32, as `reference.qmatmul`.
 
     w may be stacked [L, N, ...] and read at `layer` ([] int32); with layer None it is one matrix. Kinds
-    int8, uint4 and fp8, with or without offset, groups that are multiples of 16 or all of K.
+    int8, uint4 and fp8 with or without offset, f16 and bf16 without, groups that are multiples of 16 or all of K.
     int8_activations: quantize x to int8 blocks of 32 and dot in integers (see the module docstring for
     the error bound); None: $JAXLLM_QMATMUL_INT8_ACT == "1". Raises ValueError (while tracing) for what it
     does not take, and NativeKernelUnavailable when the kernel cannot be built here.

@@ -1,6 +1,7 @@
 // Quantized matmul on the CPU as an XLA FFI handler: out = x @ dequantize(w).T in exact float math.
 //
-// x [M, K] f32; q [L, N, K] int8 / fp8 (e4m3fn) or [L, N, K/2] uint8 (two uint4, element 2j low nibble);
+// x [M, K] f32; q [L, N, K] int8 / fp8 (e4m3fn) / f16 / bf16, or [L, N, K/2] uint8 (two uint4, element 2j
+// low nibble);
 // scale [L, N, K/group] f32; offset: the same, or an empty array for none; layer [] int32 (the stacked
 // weights are read at it); attribute group (a multiple of 16, or K). Out [M, N] f32, with
 // w[n, k] = scale[n, k / group] * value(q[n, k]) + offset[n, k / group], as `reference.qmatmul`.
@@ -25,7 +26,7 @@
 // multiply-adds per instruction) before one float multiply by d * the weight scale; the offset term is
 // offset[g] * sum over g's blocks of d * (sum of the block's int8 x). Error: |x - x^| <= absmax / 254 per
 // element, so |y - y^| <= sum over blocks of absmax / 254 * sum |w| (plus float rounding). Other kinds and
-// groups (fp8, group 16) keep the float path.
+// groups (fp8, f16, bf16, group 16) keep the float path.
 #include "native_qmatmul_common.h"
 #include "native_qmatmul_float.h"
 #include "native_qmatmul_int8.h"
@@ -45,17 +46,19 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     case ffi::DataType::S8: kind = kInt8; break;
     case ffi::DataType::U8: kind = kUint4; break;
     case ffi::DataType::F8E4M3FN: kind = kFp8; break;
-    default: return ffi::Error::InvalidArgument("qmatmul: q must be int8, uint8 (uint4 pairs) or float8_e4m3fn");
+    case ffi::DataType::F16: kind = kF16; break;
+    case ffi::DataType::BF16: kind = kBf16; break;
+    default: return ffi::Error::InvalidArgument("qmatmul: q must be int8, uint8 (uint4 pairs), float8_e4m3fn, f16 or bf16");
   }
   Problem p{};
   p.m = xd[0];
   p.k = xd[1];
   p.n = qd[1];
   p.group = group;
-  p.row_bytes = qd[2];
+  p.row_bytes = qd[2] * (IsHalf(kind) ? 2 : 1);
   const int64_t layers = qd[0];
   if (group <= 0 || p.k % group != 0 || (group % kBlock != 0 && group != p.k) ||
-      p.row_bytes != (kind == kUint4 ? p.k / 2 : p.k) || (kind == kUint4 && p.k % 2 != 0)) {
+      qd[2] != (kind == kUint4 ? p.k / 2 : p.k) || (kind == kUint4 && p.k % 2 != 0)) {
     return ffi::Error::InvalidArgument("qmatmul: K, group and q's last dim disagree");
   }
   p.groups = p.k / group;
@@ -66,6 +69,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   if (has_offset && offset.element_count() != scale.element_count()) {
     return ffi::Error::InvalidArgument("qmatmul: offset must be shaped like scale, or empty");
   }
+  if (has_offset && IsHalf(kind)) return ffi::Error::InvalidArgument("qmatmul: f16 and bf16 weights take no offset");
   const int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("qmatmul: layer index out of range");
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
@@ -78,7 +82,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     std::fill(p.out, p.out + p.m * p.n, 0.f);
     return ffi::Error::Success();
   }
-  if (int8_activations && kind != kFp8 && (p.group % kQBlock == 0 || p.group == p.k)) {
+  if (int8_activations && (kind == kInt8 || kind == kUint4) && (p.group % kQBlock == 0 || p.group == p.k)) {
     switch (kind * 2 + has_offset) {
       case kInt8 * 2: RunInt<false, false>(pool, p); break;
       case kInt8 * 2 + 1: RunInt<false, true>(pool, p); break;
@@ -94,7 +98,9 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     case kUint4 * 2: paired ? Run<kUint4Paired, false>(pool, p) : Run<kUint4, false>(pool, p); break;
     case kUint4 * 2 + 1: paired ? Run<kUint4Paired, true>(pool, p) : Run<kUint4, true>(pool, p); break;
     case kFp8 * 2: Run<kFp8, false>(pool, p); break;
-    default: Run<kFp8, true>(pool, p); break;
+    case kFp8 * 2 + 1: Run<kFp8, true>(pool, p); break;
+    case kF16 * 2: Run<kF16, false>(pool, p); break;
+    default: Run<kBf16, false>(pool, p); break;
   }
   return ffi::Error::Success();
 }

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -34,9 +35,13 @@ namespace {
 
 // kUint4Paired: uint4 whose 32-value blocks are read as (even, odd) halves against an x permuted to
 // match (see PairX), which saves the nibble interleave; for groups that are multiples of 32, or K.
-enum Kind { kInt8, kUint4, kFp8, kUint4Paired };
+// kF16, kBf16: 16-bit floats (a GGUF F16 / BF16 tensor kept as stored), two bytes per value.
+enum Kind { kInt8, kUint4, kFp8, kUint4Paired, kF16, kBf16 };
 
 constexpr bool IsUint4(int kind) { return kind == kUint4 || kind == kUint4Paired; }
+constexpr bool IsHalf(int kind) { return kind == kF16 || kind == kBf16; }
+// The byte offset of value k in a weight row.
+constexpr int64_t ByteAt(int kind, int64_t k) { return IsUint4(kind) ? k / 2 : (IsHalf(kind) ? 2 * k : k); }
 
 constexpr int64_t kBlock = 16;     // weights per vector
 constexpr int64_t kRows = 4;       // weight rows per register tile
@@ -65,11 +70,44 @@ float Fp8ToFloat(uint8_t b) {
   return (b & 0x80) ? -v : v;
 }
 
+// IEEE binary16 -> float, exactly (subnormals, infinities and NaN included), without F16C.
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+  float v;
+  if (e == 0) {
+    v = std::ldexp(static_cast<float>(m), -24);
+  } else if (e == 31) {
+    v = m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else {
+    v = std::ldexp(static_cast<float>(m | 0x400), static_cast<int>(e) - 25);
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits |= sign;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+inline float Bf16ToFloat(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+inline uint16_t Load16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return h;
+}
+
 template <Kind kKind>
 inline float Value(const uint8_t* row, int64_t k) {
   if constexpr (kKind == kInt8) return static_cast<float>(static_cast<int8_t>(row[k]));
   if constexpr (IsUint4(kKind)) return static_cast<float>((row[k >> 1] >> ((k & 1) * 4)) & 0xF);
   if constexpr (kKind == kFp8) return Fp8ToFloat(row[k]);
+  if constexpr (kKind == kF16) return HalfToFloat(Load16(row + 2 * k));
+  if constexpr (kKind == kBf16) return Bf16ToFloat(Load16(row + 2 * k));
 }
 
 // Row n's dequantized weights [k0, k0 + len) into dst, then zeros up to `padded`.

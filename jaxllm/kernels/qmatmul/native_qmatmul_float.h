@@ -41,6 +41,11 @@ inline __m512 Values16(const uint8_t* row, int64_t k) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
   }
   if constexpr (kKind == kFp8) return Fp8x16Scaled(row + k);
+  if constexpr (kKind == kF16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * k)));
+  if constexpr (kKind == kBf16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * k));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
 }
 
 // The 32 stored values from k (even); for uint4 one 16-byte load serves both halves.
@@ -162,7 +167,7 @@ void FusedTile(const Problem& p, int64_t n0) {
         rows[j].Weights32(k, w0[j], w1[j]);
         // One core streams too few lines at once to reach memory bandwidth: ask for a later tile's (at one
         // row of x, further ahead into L2, as the int8 loop above).
-        const int64_t at = (kM == 1 ? ahead_l2 : ahead) + (IsUint4(kKind) ? k / 2 : k);
+        const int64_t at = (kM == 1 ? ahead_l2 : ahead) + ByteAt(kKind, k);
         _mm_prefetch(reinterpret_cast<const char*>(rows[j].q + at), kM == 1 ? _MM_HINT_T1 : _MM_HINT_T0);
       }
       _Pragma("GCC unroll 8")

@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxllm.kernels.attention._common import check_triton_dims
 from jaxllm.kernels.qmatmul.tuning import QMatmulBlockSizes, default_block_sizes, num_split_k
-from jaxllm.quant.format import KINDS, QuantizedWeight
+from jaxllm.quant.format import KINDS, QuantizedWeight, stored_k
 
 
 def _expand(v, width: int):
@@ -118,7 +118,7 @@ def _check_weight(x, w: QuantizedWeight, layer) -> None:
         raise ValueError(f"unknown quantization kind {w.kind!r}")
     stacked = 3 if layer is not None else 2
     n, k = w.n, w.k
-    kq = k // 2 if w.kind == "uint4" else k
+    kq = stored_k(w.kind, k)
     if w.q.ndim != stacked or w.q.shape[-2:] != (n, kq):
         raise ValueError(f"pallas_qmatmul takes q [{'L, ' if layer is not None else ''}N, K'], got {w.q.shape}")
     if x.ndim != 2 or x.shape[1] != k:
