@@ -4,12 +4,13 @@ What to read and how to lay it out comes from the family's description (`models.
 each param looks like (shape, float or `QuantizedWeight`) from the model's own `eval_shape`. A source only
 provides `read(hf_name)` (float, Hugging Face layout) and, for quantized params, `read_rows(hf_name)`
 (`QuantRows` [out, in]: a GGUF tensor repacked as it is stored, or a float tensor quantized in situ).
-Per-layer tensors are read one layer at a time, so host memory holds at most one float layer beyond the
-result.
+Per-layer tensors are read one layer at a time and copied into their stack on the device in place, so
+host memory holds at most one float layer beyond the result.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.config import ModelConfig
 from jaxllm.errors import ModelLoadError
+from jaxllm.loading.host_memory import release_freed_memory
 from jaxllm.models.describe import Param
 from jaxllm.quant.format import QuantizedWeight
 from jaxllm.quant.rows import Format, QuantRows, concat_rows, to_weight
@@ -63,27 +65,43 @@ def assemble_params(
         p, want = description[rule], shapes[path]
         layers = [layer] if layer is not None else (range(cfg.num_layers) if p.per_layer else [None])
         stacked = p.per_layer and layer is None
-        if isinstance(want, QuantizedWeight):
-            if read_rows is None:
-                raise ModelLoadError(f"{p.name} is quantized but the source has no quantized reader")
+        quantized = isinstance(want, QuantizedWeight)
+        if quantized and read_rows is None:
+            raise ModelLoadError(f"{p.name} is quantized but the source has no quantized reader")
+        if quantized:
             fmt = Format(want.kind, want.group, want.offset is not None)
-            parts = [_quantized(p, i, read_rows, cfg, fmt, want) for i in layers]
-            join = np.stack if stacked else (lambda a: a[0])
-            value = jax.tree.map(lambda *a, join=join: jnp.asarray(join(a)), *parts)
+            one = lambda i, p=p, fmt=fmt, want=want: _quantized(p, i, read_rows, cfg, fmt, want)
         else:
             inner = want.shape[1:] if stacked else want.shape
-            if stacked:
-                arr = np.empty(want.shape, np_dtype)
-                for i in layers:
-                    arr[i] = _float(p, i, read, cfg, inner)
-            else:
-                arr = _float(p, layers[0], read, cfg, inner).astype(np_dtype)
-            value = jnp.asarray(arr)
+            one = lambda i, p=p, inner=inner: _float(p, i, read, cfg, inner).astype(np_dtype, copy=False)
+        value = _stack(one, layers, cfg.num_layers) if stacked else jax.device_put(one(layers[0]))
+        release_freed_memory()
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = value
     return {"params": tree}
+
+
+def _stack(one: Callable[[int], object], layers, count: int):
+    """The layers' arrays (pytrees of numpy arrays, from `one(i)`) stacked on the device [count, ...].
+
+    Each layer is copied into a zeroed device stack in place (the stack is donated), so that the host holds
+    one layer at a time, never the whole stack."""
+    value = None
+    for i in layers:
+        part = one(i)
+        if value is None:
+            value = jax.tree.map(lambda a: jnp.zeros((count, *a.shape), a.dtype), part)
+        value = _put_layer(value, part, np.int32(i))
+        del part
+        release_freed_memory()  # the layer's float temporaries
+    return value
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_layer(stack, part, i):
+    return jax.tree.map(lambda s, a: jax.lax.dynamic_update_index_in_dim(s, a, i, 0), stack, part)
 
 
 def _float(p: Param, layer: int | None, read, cfg: ModelConfig, want) -> np.ndarray:

@@ -81,14 +81,15 @@ def quantize(w: np.ndarray, scheme: IsqScheme) -> QuantRows:
     """A float matrix [N, K] (torch layout: rows are output channels) -> QuantRows in the scheme's format."""
     w = np.asarray(w, np.float32)
     n, k = w.shape
-    if scheme.method == "int8":
-        scale = np.abs(w).max(axis=1, keepdims=True) / 127.0
-        q = np.rint(w / np.where(scale == 0, 1, scale)).clip(-127, 127).astype(np.int8)
-        return QuantRows("int8", k, q, scale.astype(np.float32), None)
-    if scheme.method == "fp8":
-        scale = np.abs(w).max(axis=1, keepdims=True) / FP8_MAX
-        q = (w / np.where(scale == 0, 1, scale)).astype(ml_dtypes.float8_e4m3fn)
-        return QuantRows("fp8", k, q, scale.astype(np.float32), None)
+    if scheme.method in ("int8", "fp8"):
+        # one float temporary, reused in place: ISQ runs layer by layer while loading, and its peak counts
+        t = np.abs(w)
+        scale = t.max(axis=1, keepdims=True) / (127.0 if scheme.method == "int8" else FP8_MAX)
+        np.divide(w, np.where(scale == 0, 1, scale), out=t)
+        if scheme.method == "fp8":
+            return QuantRows("fp8", k, t.astype(ml_dtypes.float8_e4m3fn), scale.astype(np.float32), None)
+        np.clip(np.rint(t, out=t), -127, 127, out=t)
+        return QuantRows("int8", k, t.astype(np.int8), scale.astype(np.float32), None)
     g = scheme.group
     if k % g:
         raise QuantizationError(f"int4 group {g} does not divide rows of {k} values: choose a group that does")
@@ -100,5 +101,8 @@ def quantize(w: np.ndarray, scheme: IsqScheme) -> QuantRows:
         lo, hi = wg.min(axis=2), wg.max(axis=2)
         scale, offset = (hi - lo) / 15.0, lo
     safe = np.where(scale == 0, 1, scale)[..., None]
-    q = np.rint((wg - offset[..., None]) / safe).clip(0, 15).astype(np.uint8).reshape(n, k)
+    t = np.subtract(wg, offset[..., None])
+    np.divide(t, safe, out=t)
+    np.clip(np.rint(t, out=t), 0, 15, out=t)
+    q = t.astype(np.uint8).reshape(n, k)
     return QuantRows("uint4", g, q, scale.astype(np.float32), offset.astype(np.float32))
