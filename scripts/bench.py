@@ -58,7 +58,9 @@ MODES = {  # --modes name -> LLM keyword arguments
     "int8": dict(quant="int8"),
     "int4": dict(quant="int4"),
     "fp8": dict(quant="fp8"),
+    "gguf-bf16dot": dict(dequantize=False),
 }
+MODE_ENV = {"gguf-bf16dot": {"JAXLLM_QMATMUL_BF16": "1"}}  # the kernel's opt-in bf16 dot products (>= 16 rows)
 PEERS = ("transformers", "llama.cpp")
 
 
@@ -181,9 +183,9 @@ def worker_llama_cpp(args) -> dict:
     return out
 
 
-def _run_worker(name: str, argv: list[str]) -> dict:
+def _run_worker(name: str, argv: list[str], extra_env: dict | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, *argv]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"error: the {name} benchmark failed:\n{proc.stderr[-2000:]}")
@@ -214,6 +216,10 @@ def _table(res: dict, args) -> str:
         notes.append((f"jaxllm gguf / f32, batch-{big} aggregate", ratio(gguf, f32, f"decode_b{big}_tps")))
         notes.append(("prefill-512, f32 time / gguf time", ratio(gguf, f32, "prefill512_s", inv=True)))
         notes.append(("peak RSS, gguf / f32", ratio(gguf, f32, "peak_rss_gib")))
+    if f32 and "jaxllm-gguf-bf16dot" in res:
+        big = max(args.batches)
+        label = f"jaxllm gguf with bf16 dot products / f32, batch-{big} aggregate"
+        notes.append((label, ratio(res["jaxllm-gguf-bf16dot"], f32, f"decode_b{big}_tps")))
     if f32 and "transformers" in res:
         notes.append(("jaxllm f32 batch-1 decode / transformers", ratio(f32, res["transformers"], "decode_b1_tps")))
     lines += [f"- {label}: **{v:.2f}×**" for label, v in notes if v is not None]
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "--hf-batches",
         ",".join(map(str, args.hf_batches)),
     ]
-    res = {f"jaxllm-{m}": _run_worker("jaxllm", [*passthrough, "--mode", m]) for m in args.modes}
+    res = {f"jaxllm-{m}": _run_worker("jaxllm", [*passthrough, "--mode", m], MODE_ENV.get(m)) for m in args.modes}
     for peer in args.peers:
         res[peer] = _run_worker(peer, passthrough)
     table = _table(res, args)

@@ -50,6 +50,11 @@ def cpu_fingerprint() -> str:
     return f"{platform.machine()} {flags}"
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists `flag` (e.g. 'avx512_bf16') for this CPU; False where it cannot tell."""
+    return flag in cpu_fingerprint().split()
+
+
 def local_sources(source: Path) -> list[Path]:
     """`source` and the files it includes as `#include "..."` found beside the includer, recursively.
 

@@ -176,7 +176,7 @@ def test_the_portable_path_matches_too():
 def test_the_build_key_covers_every_header_the_source_includes(tmp_path, monkeypatch):
     """The key is in the library's name: an edited header gives another name, so a rebuild."""
     names = {path.name for path in native_build.local_sources(native.SOURCE)}
-    assert names == {f"native_qmatmul{s}" for s in (".cc", "_common.h", "_float.h", "_int8.h", "_threads.h")}
+    assert names == {f"native_qmatmul{s}" for s in (".cc", "_bf16.h", "_common.h", "_float.h", "_int8.h", "_threads.h")}
     for name in names:
         (tmp_path / name).write_text((native.SOURCE.parent / name).read_text())
     built = []
@@ -357,3 +357,57 @@ def test_int8_activations_without_vnni_give_the_same_sums(flag):
         vnni = native.native_qmatmul(x, w, int8_activations=True)
         bound = np.abs(np.asarray(x)) @ np.abs(np.asarray(w.dequantize())).T
         np.testing.assert_array_less(np.abs(np.asarray(out) - np.asarray(vnni)), TOL * bound)
+
+
+# The bf16-dot path (bf16_dot): x and the dequantized weights rounded to bfloat16, float32 sums.
+
+
+def assert_within_bf16_bound(out, expected, x, w):
+    """Each product carries the rounding of x and w to bfloat16 (relative 2^-9 each): 2^-7 of sum |x| |w|
+    bounds it with room for float32 summation; a wrong pairing of x and w would be off by sum |x| |w|."""
+    out, expected = np.asarray(out), np.asarray(expected)
+    bound = np.abs(np.asarray(x)) @ np.abs(np.asarray(w.dequantize())).T
+    np.testing.assert_array_less(np.abs(out - expected), 2.0**-7 * bound + 1e-30)
+    assert np.abs(out - expected).max() > 0  # the bf16 path ran: its products are not float32's
+
+
+@pytest.mark.skipif(not native_build.cpu_has("avx512_bf16"), reason="needs AVX-512 BF16")
+@pytest.mark.parametrize(
+    "kind, group", [(k, g) for k in KINDS for g in (32, 64, 128, "K")] + [(k, "K") for k in HALF_KINDS]
+)
+@pytest.mark.parametrize("m", [1, 7, 16, 33])
+def test_bf16_dot_stays_within_the_bound(kind, group, m):
+    offset = kind not in HALF_KINDS
+    for n, k in ((9, 256), (37, 640)):
+        g = k if group == "K" else group
+        w = make_weight(hash((kind, g, m, n, "bf16")) % 2**32, kind, n, k, g, offset)
+        x = make_x(m + 1, m, k)
+        assert_within_bf16_bound(native.native_qmatmul(x, w, bf16_dot=True), reference(x, w), x, w)
+    stacked = make_weight(8, kind, 21, 256, 256 if group == "K" else group, offset, layers=3)
+    x = make_x(9, m, 256)
+    one = jax.tree.map(lambda a: a[2], stacked)
+    out = jax.jit(lambda x, w, i: native.native_qmatmul(x, w, i, bf16_dot=True))(x, stacked, jnp.int32(2))
+    np.testing.assert_array_equal(out, native.native_qmatmul(x, one, bf16_dot=True))
+
+
+def test_bf16_dot_leaves_what_it_cannot_pair_to_the_float_math():
+    for kind, k, group in (("int8", 600, 600), ("int8", 256, 16)):  # K not in 32-blocks; groups of 16
+        w = make_weight(12, kind, 9, k, group, offset=True)
+        x = make_x(13, 16, k)
+        np.testing.assert_array_equal(native.native_qmatmul(x, w, bf16_dot=True), native.native_qmatmul(x, w))
+
+
+def test_bf16_dot_is_chosen_only_when_asked_and_from_16_rows(monkeypatch):
+    from jaxllm.kernels.qmatmul import qmatmul
+
+    w = make_weight(14, "uint4", 64, 256, 32)
+    monkeypatch.delenv("JAXLLM_QMATMUL_BF16", raising=False)
+    for m in (1, 16, 32):
+        x = make_x(15, m, 256)
+        np.testing.assert_array_equal(qmatmul(x, w, impl="native"), native.native_qmatmul(x, w))
+    monkeypatch.setenv("JAXLLM_QMATMUL_BF16", "1")
+    np.testing.assert_array_equal(
+        qmatmul(make_x(15, 8, 256), w, impl="native"), native.native_qmatmul(make_x(15, 8, 256), w)
+    )
+    x = make_x(15, 32, 256)
+    np.testing.assert_array_equal(qmatmul(x, w, impl="native"), native.native_qmatmul(x, w, bf16_dot=True))

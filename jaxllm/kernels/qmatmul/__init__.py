@@ -41,7 +41,7 @@ def qmatmul(x, w, layer=None, impl: str | None = None):
         raise ValueError(f"unknown quantized matmul {impl!r}: use one of {', '.join(IMPLS)}")
     if impl == "native" and (chosen or (x.shape[0] <= NATIVE_MAX_ROWS and native.available())):
         try:
-            return native.native_qmatmul(x, w, layer)
+            return native.native_qmatmul(x, w, layer, bf16_dot=native.bf16_dot_for(x.shape[0]))
         except ValueError as e:  # what it does not take (raised while tracing)
             if chosen:
                 raise

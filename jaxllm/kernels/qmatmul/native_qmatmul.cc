@@ -27,7 +27,13 @@
 // offset[g] * sum over g's blocks of d * (sum of the block's int8 x). Error: |x - x^| <= absmax / 254 per
 // element, so |y - y^| <= sum over blocks of absmax / 254 * sum |w| (plus float rounding). Other kinds and
 // groups (fp8, f16, bf16, group 16) keep the float path.
+//
+// Attribute bf16_dot (nonzero; built for CPUs with AVX-512 BF16; K in whole 32-blocks each in one group):
+// x and each 32 dequantized weights rounded to bf16 and dotted in pairs by vdpbf16ps with float32 sums
+// (native_qmatmul_bf16.h), in register tiles of 4 weight rows x 6 rows of x. Error: within
+// 2^-7 * sum_k |x| |w| of the float math.
 #include "native_qmatmul_common.h"
+#include "native_qmatmul_bf16.h"
 #include "native_qmatmul_float.h"
 #include "native_qmatmul_int8.h"
 #include "native_qmatmul_threads.h"
@@ -36,7 +42,7 @@ namespace {
 
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
                        ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::S32> layer, int64_t group,
-                       int64_t int8_activations, ffi::ResultBuffer<ffi::F32> out) {
+                       int64_t int8_activations, int64_t bf16_dot, ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions();
   if (xd.size() != 2 || qd.size() != 3 || sd.size() != 3) {
     return ffi::Error::InvalidArgument("qmatmul: x [M,K], q [L,N,Kq], scale [L,N,G] expected");
@@ -92,6 +98,21 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     return ffi::Error::Success();
   }
   const bool paired = p.group % (2 * kBlock) == 0 || p.group == p.k;
+#if JAXLLM_BF16
+  if (bf16_dot && Bf16Takes(p) && !(kind == kUint4 && !paired)) {
+    switch (kind * 2 + has_offset) {
+      case kInt8 * 2: RunBf16<kInt8, false>(pool, p); break;
+      case kInt8 * 2 + 1: RunBf16<kInt8, true>(pool, p); break;
+      case kUint4 * 2: RunBf16<kUint4Paired, false>(pool, p); break;
+      case kUint4 * 2 + 1: RunBf16<kUint4Paired, true>(pool, p); break;
+      case kFp8 * 2: RunBf16<kFp8, false>(pool, p); break;
+      case kFp8 * 2 + 1: RunBf16<kFp8, true>(pool, p); break;
+      case kF16 * 2: RunBf16<kF16, false>(pool, p); break;
+      default: RunBf16<kBf16, false>(pool, p); break;
+    }
+    return ffi::Error::Success();
+  }
+#endif
   switch (kind * 2 + has_offset) {
     case kInt8 * 2: Run<kInt8, false>(pool, p); break;
     case kInt8 * 2 + 1: Run<kInt8, true>(pool, p); break;
@@ -117,4 +138,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatmulF32, QMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("group")
                                   .Attr<int64_t>("int8_activations")
+                                  .Attr<int64_t>("bf16_dot")
                                   .Ret<ffi::Buffer<ffi::F32>>());
