@@ -12,7 +12,7 @@ from jaxllm.chat_template import render_chat
 from jaxllm.engine.engine import Engine
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.errors import InvalidRequestError
-from jaxllm.loading.load import LoadedModel, LoadOptions, load_model
+from jaxllm.loading.load import LoadedModel, LoadOptions, Parallelism, load_model
 from jaxllm.outputs import CompletionOutput, RequestOutput, StreamDelta
 from jaxllm.sampling_params import SamplingParams
 
@@ -36,7 +36,9 @@ class LLM:
     quant: quantize float weights while loading ('int8', 'int4' (group 32), 'int4-g64', 'int4-g128',
     'int4-sym', 'fp8'); a .gguf file is kept in its own quantized formats unless `dequantize=True` or a
     `dtype` is given. quant_embeddings: under `quant`, quantize the embedding and LM head too.
-    `weight_bytes` says how many bytes the weights take on the device.
+    tensor_parallel: devices the model is split over (None: as many local devices as split its heads; 1:
+    one device); data_parallel: replicas, each with its share of the batch.
+    `weight_bytes` says how many bytes the weights take on the device(s).
     """
 
     def __init__(
@@ -57,17 +59,27 @@ class LLM:
         quant: str | None = None,
         dequantize: bool | None = None,
         quant_embeddings: bool = False,
+        tensor_parallel: int | None = None,
+        data_parallel: int = 1,
         progress: bool = True,
         loaded: LoadedModel | None = None,
     ):
         options = LoadOptions(quant, dtype is not None if dequantize is None else dequantize, quant_embeddings)
         dtype = dtype or default_dtype()
         self.loaded = loaded or load_model(
-            model, dtype, chat_template=chat_template, progress=progress, scan_layers=scan_layers, options=options
+            model,
+            dtype,
+            chat_template=chat_template,
+            progress=progress,
+            scan_layers=scan_layers,
+            options=options,
+            parallel=Parallelism(tensor_parallel, data_parallel),
         )
         self.config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.max_model_len = max_model_len or min(self.config.max_position_embeddings, 8192)
-        self.runner = ModelRunner(self.loaded.model, self.loaded.params, self.config, dtype, decode_steps)
+        self.runner = ModelRunner(
+            self.loaded.model, self.loaded.params, self.config, dtype, decode_steps, placement=self.loaded.placement
+        )
         self.engine = Engine(
             self.runner,
             self.tokenizer,

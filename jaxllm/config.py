@@ -51,6 +51,9 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # The checkpoint's KV heads, when each is stored num_kv_heads // source_kv_heads times over (tensor
+    # parallelism over more devices than KV heads: `sharding.shard_config`); None: num_kv_heads.
+    source_kv_heads: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

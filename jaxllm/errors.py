@@ -54,3 +54,7 @@ class ModelMismatchError(JaxLLMError):
 
 class QuantizationError(JaxLLMError, ValueError):
     """A quantization scheme is unknown or cannot apply to this model's weights."""
+
+
+class PlacementError(JaxLLMError, ValueError):
+    """A tensor- or data-parallel layout the model's heads or the available devices cannot take."""

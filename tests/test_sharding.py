@@ -48,7 +48,7 @@ def test_full_size_shapes_without_allocating():
     assert flat["embed"] == (128256, 4096)
     assert flat["layers/attn/qkv"] == (32, 4096, 8, 6, 128)  # 4 query heads + k + v per kv head
     assert flat["layers/attn/o"] == (32, 32, 128, 4096)
-    assert flat["layers/mlp/gate_up"] == (32, 4096, 2, 14336)
+    assert flat["layers/mlp/gate_up"] == (32, 4096, 14336, 2)  # gate and up of each MLP unit side by side
     total = sum(math.prod(s) for s in flat.values())
     assert 8.0e9 < total < 8.1e9  # Llama-3-8B has 8.03B parameters
 
@@ -79,10 +79,10 @@ def test_param_shardings_follow_the_logical_names():
 
     stacked, unrolled = specs(True), specs(False)
     assert stacked["params/layers/attn/qkv"] == P(None, None, "model", None, None)
-    assert stacked["params/layers/mlp/gate_up"] == P(None, None, None, "model")
+    assert stacked["params/layers/mlp/gate_up"] == P(None, None, "model", None)
     assert stacked["params/embed"] == P("model", None)
     assert unrolled["params/layers_7/attn/qkv"] == P(None, "model", None, None)
-    assert unrolled["params/layers_7/mlp/gate_up"] == P(None, None, "model")
+    assert unrolled["params/layers_7/mlp/gate_up"] == P(None, "model", None)
 
 
 def test_quantized_params_follow_the_same_description():
@@ -108,11 +108,12 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
     folder, _ = tiny_models["llama"]
     script = textwrap.dedent(f"""
         import jax, jax.numpy as jnp, numpy as np
-        from jaxllm.loading.load import load_model
+        from jaxllm.loading.load import Parallelism, load_model
         from jaxllm.models.registry import param_shapes
         from jaxllm.sharding import make_mesh, param_shardings
         assert len(jax.devices()) == 8
-        m = load_model({str(folder)!r}, progress=False)
+        one = Parallelism(tensor_parallel=1)  # loaded onto one device, sharded by hand below
+        m = load_model({str(folder)!r}, progress=False, parallel=one)
         tokens = jnp.asarray([[1, 5, 9, 200, 17, 3, 44, 8]] * 4)
         pos = jnp.broadcast_to(jnp.arange(8), (4, 8))
         run = lambda p: m.model.apply(p, tokens, pos, None, None, jnp.zeros((4,), jnp.int32))[0]
@@ -123,7 +124,7 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
         assert len(qkv.sharding.device_set) == 8 and qkv.addressable_shards[0].data.shape[2] == 1
         out = np.asarray(jax.jit(run)(sharded))
         np.testing.assert_allclose(out, ref, atol=1e-5)
-        u = load_model({str(folder)!r}, progress=False, scan_layers=False)  # per-layer params, unrolled
+        u = load_model({str(folder)!r}, progress=False, scan_layers=False, parallel=one)  # per-layer params, unrolled
         u_sharded = jax.device_put(u.params, param_shardings(param_shapes(u.model), mesh))
         assert len(u_sharded["params"]["layers_1"]["mlp"]["down"].sharding.device_set) == 8
         u_run = lambda p: u.model.apply(p, tokens, pos, None, None, jnp.zeros((4,), jnp.int32))[0]
@@ -142,7 +143,7 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
                                    atol=1e-5)
         from jaxllm.loading.load import LoadOptions
         for quant in ("int8", "fp8"):  # quantized weights sharded the same way (qmatmul: the native kernel)
-            qm = load_model({str(folder)!r}, progress=False, options=LoadOptions(quant=quant))
+            qm = load_model({str(folder)!r}, progress=False, options=LoadOptions(quant=quant), parallel=one)
             q_run = lambda p: qm.model.apply(p, tokens, pos, None, None, jnp.zeros((4,), jnp.int32))[0]
             q_sharded = jax.device_put(qm.params, param_shardings(param_shapes(qm.model), mesh))
             assert len(q_sharded["params"]["layers"]["attn"]["qkv"].q.sharding.device_set) == 8

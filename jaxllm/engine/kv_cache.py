@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+from jaxllm.sharding import Placement
 
 
 @jax.tree_util.register_dataclass
@@ -29,14 +30,24 @@ class KVCache:
 
     @classmethod
     def zeros(
-        cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32, per_layer: bool = False
+        cls,
+        cfg: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        dtype=jnp.float32,
+        per_layer: bool = False,
+        placement: Placement | None = None,
     ) -> KVCache:
+        """A zeroed pool; under a placement, sharded over KV heads (each device holds its heads' pages)."""
         shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        logical = (None, None, "kv_heads", "head_dim")
+        if not per_layer:
+            shape, logical = (cfg.num_layers, *shape), ("layers", *logical)
+        device = placement.sharding(logical) if placement else None
+        z = lambda: jnp.zeros(shape, dtype, device=device)
         if per_layer:
-            z = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-            return cls(z(), z())
-        shape = (cfg.num_layers,) + shape
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            return cls(tuple(z() for _ in range(cfg.num_layers)), tuple(z() for _ in range(cfg.num_layers)))
+        return cls(z(), z())
 
     @property
     def num_pages(self) -> int:

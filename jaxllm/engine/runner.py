@@ -8,6 +8,7 @@ reads later, after the next step is already dispatched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
 
@@ -18,6 +19,7 @@ import numpy as np
 from jaxllm.engine.kv_cache import KVCache, bytes_per_token
 from jaxllm.engine.sampling import RowParams, SamplerFlags, sample
 from jaxllm.models.registry import forward
+from jaxllm.sharding import Placement
 
 
 @jax.tree_util.register_dataclass
@@ -79,8 +81,18 @@ class ModelRunner:
     block tables. Slots index the per-sequence decode state only.
     """
 
-    def __init__(self, model, params, cfg, dtype=jnp.float32, decode_steps: int = 4, max_prefill_tokens: int = 4096):
+    def __init__(
+        self,
+        model,
+        params,
+        cfg,
+        dtype=jnp.float32,
+        decode_steps: int = 4,
+        max_prefill_tokens: int = 4096,
+        placement: Placement | None = None,
+    ):
         self.model, self.params, self.cfg, self.dtype = model, params, cfg, dtype
+        self.placement = placement
         self.decode_steps = decode_steps
         self.max_prefill_tokens = max_prefill_tokens
         self.cache: KVCache | None = None
@@ -110,7 +122,8 @@ class ModelRunner:
         if self.cache is not None and (self.slots, self.num_pages, self.page_size) == (slots, num_pages, page_size):
             return
         self.cache = self.state = None  # free the old buffers before allocating the new ones
-        self.cache = KVCache.zeros(self.cfg, num_pages, page_size, self.dtype, per_layer=not self.model.scan_layers)
+        per_layer = not self.model.scan_layers
+        self.cache = KVCache.zeros(self.cfg, num_pages, page_size, self.dtype, per_layer, self.placement)
         self.state = DecodeState.zeros(slots, self.cfg.vocab_size)
         self.slots = slots
 
@@ -131,10 +144,15 @@ class ModelRunner:
     def prefill(self, batch: PrefillBatch, flags: SamplerFlags):
         """Prefill chunks into their pages and sample a token after each (device arrays; only a sequence's
         last chunk's token is meaningful)."""
-        self.cache, self.state, first, info = self._prefill(
-            self.params, self.cache, self.state, batch, self.stop_mask, flags=flags
-        )
+        with self._placed():
+            self.cache, self.state, first, info = self._prefill(
+                self.params, self.cache, self.state, batch, self.stop_mask, flags=flags
+            )
         return first, info
+
+    def _placed(self):
+        """The context the steps trace and run in: the placement's mesh, or nothing on one device."""
+        return self.placement.active() if self.placement else contextlib.nullcontext()
 
     def decode(
         self,
@@ -149,19 +167,20 @@ class ModelRunner:
         """Dispatch `n_steps` (default `decode_steps`) decode steps over the first `rows` slots, whose pages
         are block_tables [rows, n_pages] (covering every position written); returns device arrays (tokens
         [steps, rows], logprob info) without waiting for them."""
-        self.cache, self.state, toks, info = self._decode(
-            self.params,
-            self.cache,
-            self.state,
-            params,
-            jnp.asarray(active),
-            jnp.asarray(block_tables),
-            self.stop_mask,
-            flags=flags,
-            rows=rows,
-            attn_len=attn_len,
-            n_steps=n_steps or self.decode_steps,
-        )
+        with self._placed():
+            self.cache, self.state, toks, info = self._decode(
+                self.params,
+                self.cache,
+                self.state,
+                params,
+                jnp.asarray(active),
+                jnp.asarray(block_tables),
+                self.stop_mask,
+                flags=flags,
+                rows=rows,
+                attn_len=attn_len,
+                n_steps=n_steps or self.decode_steps,
+            )
         return toks, info
 
     def _prefill_fn(self, params, cache, state, batch: PrefillBatch, stop_mask, *, flags):

@@ -18,6 +18,7 @@ from jaxllm.loading.weights import assemble_params
 from jaxllm.models.registry import build_model, describe_params, param_shapes
 from jaxllm.quant import isq
 from jaxllm.quant.plan import QuantPlan
+from jaxllm.sharding import Placement, choose_placement, param_shardings, shard_config
 from jaxllm.tokenizer import Tokenizer
 
 
@@ -31,6 +32,7 @@ class LoadedModel:
     params: dict
     tokenizer: Tokenizer
     quant: QuantPlan = dataclasses.field(default_factory=QuantPlan)
+    placement: Placement | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -49,6 +51,15 @@ class LoadOptions:
     quant_embeddings: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Parallelism:
+    """How many devices a model spans: tensor_parallel (None: as many local devices as split its heads)
+    and data_parallel replicas."""
+
+    tensor_parallel: int | None = None
+    data_parallel: int = 1
+
+
 def load_model(
     ref=None,
     dtype=jnp.float32,
@@ -56,12 +67,14 @@ def load_model(
     progress: bool = True,
     scan_layers: bool = True,
     options: LoadOptions = LoadOptions(),
+    parallel: Parallelism = Parallelism(),
 ) -> LoadedModel:
     """Load a model from an alias ('smollm2'), a .gguf file, a Hugging Face folder or hub id.
 
     dtype: the float params' and activations' dtype. scan_layers: stacked params under a layer scan, or
     per-layer params run unrolled (see `jaxllm.models.registry.build_model`). options: quantization
     (`LoadOptions`); a .gguf file is kept quantized unless `options.dequantize` or an ISQ scheme is given.
+    parallel: the device layout (`Parallelism`); each param is placed in its sharding as it is read.
     """
     scheme = isq.parse_scheme(options.quant) if options.quant else None
     files = resolve_model(ref)
@@ -69,6 +82,8 @@ def load_model(
         cfg, reader, tok = _open_gguf(files)
     else:
         cfg, reader, tok = _open_hf(files)
+    placement = choose_placement(cfg, parallel.tensor_parallel, parallel.data_parallel)
+    cfg = shard_config(cfg, placement)
     params_desc = describe_params(cfg)
     read_rows = None
     if scheme is not None:
@@ -80,12 +95,14 @@ def load_model(
     else:
         plan = QuantPlan()
     model = build_model(cfg, dtype, scan_layers, plan or None)
+    shapes = param_shapes(model)
+    shardings = param_shardings(shapes, placement) if placement else None
     params = assemble_params(
-        cfg, param_shapes(model), params_desc, reader.read, dtype, read_rows, progress, f"loading {files.name}"
+        cfg, shapes, params_desc, reader.read, dtype, read_rows, progress, f"loading {files.name}", shardings
     )
     if chat_template is not None:
         tok.chat_template = read_template_file(chat_template)
-    return LoadedModel(files.name, cfg, model, params, tok, plan)
+    return LoadedModel(files.name, cfg, model, params, tok, plan, placement)
 
 
 def _open_hf(files: ModelFiles):

@@ -10,13 +10,13 @@ host memory holds at most one float layer beyond the result.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxllm.config import ModelConfig
@@ -29,9 +29,10 @@ from jaxllm.quant.rows import Format, QuantRows, concat_rows, to_weight
 _is_param = lambda x: isinstance(x, (nn.Partitioned, QuantizedWeight))
 
 
-def _param_leaves(boxed) -> dict[tuple[str, ...], object]:
-    """Flax path -> the param's shape description (ShapeDtypeStruct, or a QuantizedWeight of them)."""
-    flat = jax.tree_util.tree_flatten_with_path(boxed["params"], is_leaf=_is_param)[0]
+def _param_leaves(boxed, is_leaf=_is_param) -> dict[tuple[str, ...], object]:
+    """Flax path -> the param's leaf: its shape description (ShapeDtypeStruct, or a QuantizedWeight of them),
+    or whatever `is_leaf` stops at."""
+    flat = jax.tree_util.tree_flatten_with_path(boxed["params"], is_leaf=is_leaf)[0]
     out = {}
     for path, leaf in flat:
         key = tuple(p.key for p in path)
@@ -48,14 +49,17 @@ def assemble_params(
     read_rows: Callable[[str], QuantRows] | None = None,
     progress: bool = True,
     desc: str = "loading weights",
+    shardings=None,
 ):
     """Build {'params': ...}, every array checked against the model's own shape description.
 
     boxed_shapes: `jax.eval_shape(model.init)` output; description: the family's params by path;
     read(hf_name) -> float array in Hugging Face layout; read_rows(hf_name) -> QuantRows, needed when the
-    model has quantized params.
+    model has quantized params; shardings: `sharding.param_shardings` of the shapes (None: the default
+    device), each param placed in its own, so that a device receives only its shard.
     """
     shapes = _param_leaves(boxed_shapes)
+    placed = _param_leaves(shardings, lambda x: isinstance(x, (NamedSharding, QuantizedWeight))) if shardings else {}
     tree: dict = {}
     np_dtype = jnp.dtype(dtype)
     for path in tqdm(shapes, desc=desc, disable=not progress, unit="tensor"):
@@ -74,7 +78,8 @@ def assemble_params(
         else:
             inner = want.shape[1:] if stacked else want.shape
             one = lambda i, p=p, inner=inner: _float(p, i, read, cfg, inner).astype(np_dtype, copy=False)
-        value = _stack(one, layers, cfg.num_layers) if stacked else jax.device_put(one(layers[0]))
+        where = placed.get(path)
+        value = _stack(one, layers, cfg.num_layers, where) if stacked else jax.device_put(one(layers[0]), where)
         release_freed_memory()
         node = tree
         for key in path[:-1]:
@@ -83,25 +88,39 @@ def assemble_params(
     return {"params": tree}
 
 
-def _stack(one: Callable[[int], object], layers, count: int):
-    """The layers' arrays (pytrees of numpy arrays, from `one(i)`) stacked on the device [count, ...].
+def _stack(one: Callable[[int], object], layers, count: int, where=None):
+    """The layers' arrays (pytrees of numpy arrays, from `one(i)`) stacked on the device [count, ...], in the
+    sharding `where` (a matching pytree of NamedShardings; None: the default device).
 
     Each layer is copied into a zeroed device stack in place (the stack is donated), so that the host holds
-    one layer at a time, never the whole stack."""
-    value = None
+    one layer at a time, never the whole stack, and each device receives only its shard of it."""
+    value, put = None, _put_layer
     for i in layers:
         part = one(i)
         if value is None:
-            value = jax.tree.map(lambda a: jnp.zeros((count, *a.shape), a.dtype), part)
-        value = _put_layer(value, part, np.int32(i))
+            if where is None:
+                value = jax.tree.map(lambda a: jnp.zeros((count, *a.shape), a.dtype), part)
+            else:
+                value = jax.tree.map(lambda a, s: jnp.zeros((count, *a.shape), a.dtype, device=s), part, where)
+                put = jax.jit(_update_layer, donate_argnums=0, out_shardings=where)
+        if where is not None:
+            part = jax.device_put(part, jax.tree.map(_layer_sharding, where))
+        value = put(value, part, np.int32(i))
         del part
         release_freed_memory()  # the layer's float temporaries
     return value
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _put_layer(stack, part, i):
+def _layer_sharding(s: NamedSharding) -> NamedSharding:
+    """The sharding of one layer of a stack sharded as `s`."""
+    return NamedSharding(s.mesh, PartitionSpec(*s.spec[1:]))
+
+
+def _update_layer(stack, part, i):
     return jax.tree.map(lambda s, a: jax.lax.dynamic_update_index_in_dim(s, a, i, 0), stack, part)
+
+
+_put_layer = jax.jit(_update_layer, donate_argnums=0)
 
 
 def _float(p: Param, layer: int | None, read, cfg: ModelConfig, want) -> np.ndarray:
@@ -129,7 +148,7 @@ def _quantized(p: Param, layer: int | None, read_rows, cfg: ModelConfig, fmt: Fo
         rows = rows.widen(fmt)
     except ValueError as e:
         raise ModelLoadError(f"{names[0]} cannot be stored as {fmt}: {e}") from None
-    w = to_weight(rows, tuple(want.in_shape), tuple(want.out_shape))
+    w = to_weight(rows, tuple(want.in_shape), tuple(want.out_shape), want.axes)
     inner = lambda s: s.shape[-2:]
     for got, exp in ((w.q, want.q), (w.scale, want.scale)):
         _checked(got, inner(exp), names[0])
@@ -138,7 +157,8 @@ def _quantized(p: Param, layer: int | None, read_rows, cfg: ModelConfig, fmt: Fo
 
 def _torch_shape(p: Param, cfg: ModelConfig) -> tuple[int, int]:
     """[N, K]: the shape of a matrix param's concatenated source rows."""
-    return int(np.prod(p.out_dims(cfg))), int(np.prod(p.in_dims(cfg)))
+    n = p.source_rows(cfg) if p.source_rows else int(np.prod(p.out_dims(cfg)))
+    return n, int(np.prod(p.in_dims(cfg)))
 
 
 def _rule_key(path: tuple[str, ...]) -> tuple[tuple[str, ...], int | None]:

@@ -28,7 +28,8 @@ class Param:
     contracted over `in`), "embedding" (float layout [*out, *in]: rows are looked up, and a tied LM head
     contracts over `in`) or "vector" (norm scales and biases: shape from the model, never quantized).
     rows: the order of the concatenated source rows that gives the out dims in their logical order
-    (None: as they come).
+    (None: as they come); an index may repeat (a KV head stored in copies). source_rows: how many rows
+    the sources hold together (None: as many as the out dims).
     """
 
     path: tuple[str, ...]
@@ -40,6 +41,7 @@ class Param:
     in_axes: tuple[str | None, ...] = ()
     out_axes: tuple[str | None, ...] = ()
     rows: Callable[[ModelConfig], np.ndarray] | None = None
+    source_rows: Callable[[ModelConfig], int] | None = None
 
     @property
     def per_layer(self) -> bool:

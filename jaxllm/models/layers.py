@@ -61,7 +61,7 @@ def _quantized_init(
         offset = box(jnp.zeros((*lead, n, k // group), jnp.float32)) if fmt.offset else None
         scale = box(jnp.ones((*lead, n, k // group), jnp.float32))
         q = box(jnp.zeros((*lead, n, q_k), q_dtype), names)
-        return QuantizedWeight(q, scale, offset, fmt.kind, group, ins, outs)
+        return QuantizedWeight(q, scale, offset, fmt.kind, group, ins, outs, names)
 
     return init
 
@@ -140,6 +140,6 @@ class GatedMLP(nn.Module):
         p_gate_up, p_down = self.params
         gate_up = weight(self, p_gate_up, self.cfg, self.quant, self.dtype, self.stack)
         down = weight(self, p_down, self.cfg, self.quant, self.dtype, self.stack)
-        gu = quant.einsum("btd,dcf->btcf", x, gate_up, layer=layer).astype(self.dtype)
-        h = nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+        gu = quant.einsum("btd,dfc->btfc", x, gate_up, layer=layer).astype(self.dtype)
+        h = nn.silu(gu[..., 0]) * gu[..., 1]
         return quant.einsum("btf,fd->btd", h, down, layer=layer).astype(self.dtype)

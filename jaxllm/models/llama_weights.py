@@ -9,14 +9,30 @@ from jaxllm.models.describe import Param, param_index
 
 
 def qkv_rows(c: ModelConfig) -> np.ndarray:
-    """Row order of [q; k; v] (torch layout) grouped by kv head: each kv head's g query heads, its k, its v."""
+    """Row order of [q; k; v] (torch layout) grouped by kv head: each kv head's g query heads, its k, its v.
+
+    With KV heads stored in copies (`source_kv_heads`), copy j of the kv heads reads source head j // copies."""
     h, kvh, g, hd = c.num_heads, c.num_kv_heads, c.num_groups, c.head_dim
+    src = c.source_kv_heads or kvh
     kv = np.arange(kvh)[:, None, None]
+    source_kv = kv // (kvh // src)
     e = np.arange(hd)[None, None, :]
     q = (kv * g + np.arange(g)[None, :, None]) * hd + e
-    k = h * hd + kv * hd + e
-    v = h * hd + kvh * hd + kv * hd + e
+    k = h * hd + source_kv * hd + e
+    v = h * hd + src * hd + source_kv * hd + e
     return np.concatenate([q, k, v], axis=1).reshape(-1)
+
+
+def qkv_source_rows(c: ModelConfig) -> int:
+    """Rows of the concatenated q, k and v tensors in the checkpoint."""
+    return (c.num_heads + 2 * (c.source_kv_heads or c.num_kv_heads)) * c.head_dim
+
+
+def gate_up_rows(c: ModelConfig) -> np.ndarray:
+    """Row order of [gate; up] as (mlp, 2): gate row f then up row f, so that the MLP axis is major and a
+    split of the rows over devices (quantized weights are [N, K]) gives each device its gate and up rows."""
+    f = np.arange(c.intermediate_size)
+    return np.stack([f, c.intermediate_size + f], axis=1).reshape(-1)
 
 
 _ATTN = "model.layers.{i}.self_attn."
@@ -60,12 +76,14 @@ PARAMS = (
         ("embed",),
         ("kv_heads", None, "head_dim"),
         qkv_rows,
+        qkv_source_rows,
     ),
     Param(
         ("layers", "attn", "qkv_bias"),
         tuple(f"{_ATTN}{p}_proj.bias" for p in "qkv"),
         tuple(f"blk.{{i}}.attn_{p}.bias" for p in "qkv"),
         rows=qkv_rows,
+        source_rows=qkv_source_rows,
     ),
     Param(
         ("layers", "attn", "o"),
@@ -90,9 +108,10 @@ PARAMS = (
         ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
         "matmul",
         _embed,
-        lambda c: (2, c.intermediate_size),
+        lambda c: (c.intermediate_size, 2),
         ("embed",),
-        (None, "mlp"),
+        ("mlp", None),
+        gate_up_rows,
     ),
     Param(
         ("layers", "mlp", "down"),

@@ -41,7 +41,8 @@ def stored_k(kind: str, k: int) -> int:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-    """A quantized matrix [N, K] (see the module docstring); `in_shape`/`out_shape` are its logical dims."""
+    """A quantized matrix [N, K] (see the module docstring); `in_shape`/`out_shape` are its logical dims and
+    `axes` the logical axis names of N and K."""
 
     q: jax.Array
     scale: jax.Array
@@ -50,6 +51,8 @@ class QuantizedWeight:
     group: int = dataclasses.field(metadata=dict(static=True))
     in_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     out_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    # The logical axes of N and K (their first logical dims), which a placement may shard the weight over.
+    axes: tuple[str | None, str | None] = dataclasses.field(default=(None, None), metadata=dict(static=True))
 
     @property
     def n(self) -> int:

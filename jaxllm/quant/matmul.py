@@ -8,11 +8,13 @@ them (its logical float layout): x is brought to [M, K], the backend's quantized
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import string
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.quant.format import QuantizedWeight
 
@@ -26,8 +28,6 @@ def einsum(spec: str, x: jax.Array, w, layer=None, **kwargs) -> jax.Array:
     """
     if not isinstance(w, QuantizedWeight):
         return jnp.einsum(spec, x, w if layer is None else w[layer], **kwargs)
-    from jaxllm.kernels.qmatmul import qmatmul
-
     xs, ws, out = _expand(spec, x.ndim)
     contracted = [c for c in ws if c in xs and c not in out]
     kept = [c for c in ws if c not in contracted]
@@ -39,8 +39,42 @@ def einsum(spec: str, x: jax.Array, w, layer=None, **kwargs) -> jax.Array:
         raise ValueError(f"quantized einsum {spec!r}: x contracts {[sizes[c] for c in contracted]}, w {w.in_shape}")
     x2 = jnp.transpose(x, [xs.index(c) for c in batch + contracted])
     lead = x2.shape[: len(batch)]
-    y = qmatmul(x2.reshape(math.prod(lead), w.k), w, layer).reshape(*lead, *w.out_shape)
+    y = _qmatmul(x2.reshape(math.prod(lead), w.k), w, layer).reshape(*lead, *w.out_shape)
     return jnp.transpose(y, [(batch + kept).index(c) for c in out])
+
+
+def _qmatmul(x: jax.Array, w: QuantizedWeight, layer) -> jax.Array:
+    """x [M, K] times w [N, K] transposed -> [M, N] float32 by the backend's kernel; under a placement, the
+    kernel runs per shard (XLA cannot split a custom call): N split, each device computes its columns;
+    K split, each device its partial sums, added over the devices."""
+    from jaxllm import sharding
+    from jaxllm.kernels.qmatmul import qmatmul
+
+    placement = sharding.active()
+    if placement is None:
+        return qmatmul(x, w, layer)
+    n_ax, k_ax = sharding.quantized_axes(w, placement)
+    if n_ax is None and k_ax is None:
+        return qmatmul(x, w, layer)
+    per_channel = w.scale.shape[-1] == 1
+
+    def local(x, w, layer):
+        k = x.shape[1]
+        shard = dataclasses.replace(w, in_shape=(k,), out_shape=(w.q.shape[-2],), group=k if per_channel else w.group)
+        y = qmatmul(x, shard, layer)
+        return jax.lax.psum(y, k_ax) if k_ax else y
+
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    w_in = w if w.q.ndim == 3 else jax.tree.map(lambda a: a[None], w)  # a stack of one: one call shape
+    specs = sharding.quantized_specs(w_in, placement)
+    run = jax.shard_map(
+        local,
+        mesh=placement.mesh,
+        in_specs=(P(None, k_ax), specs, P()),
+        out_specs=P(None, n_ax),
+        check_vma=False,
+    )
+    return run(x, w_in, layer)
 
 
 def take(w, ids: jax.Array) -> jax.Array:

@@ -92,9 +92,12 @@ def concat_rows(parts: list[QuantRows]) -> QuantRows:
     return QuantRows(fmt.kind, fmt.group, join([p.values for p in parts]), join([p.scale for p in parts]), off)
 
 
-def to_weight(rows: QuantRows, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> QuantizedWeight:
-    """Pack for the device (numpy arrays; the caller places them): [..., N, K] in the `QuantizedWeight` layout."""
+def to_weight(
+    rows: QuantRows, in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes=(None, None)
+) -> QuantizedWeight:
+    """Pack for the device (numpy arrays; the caller places them): [..., N, K] in the `QuantizedWeight` layout;
+    axes: the logical axis names of N and K."""
     q = pack_uint4(rows.values) if rows.kind == "uint4" else rows.values
     scale = np.ascontiguousarray(rows.scale, np.float32)
     offset = None if rows.offset is None else np.ascontiguousarray(rows.offset, np.float32)
-    return QuantizedWeight(np.ascontiguousarray(q), scale, offset, rows.kind, rows.group, in_shape, out_shape)
+    return QuantizedWeight(np.ascontiguousarray(q), scale, offset, rows.kind, rows.group, in_shape, out_shape, axes)

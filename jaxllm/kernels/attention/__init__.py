@@ -7,6 +7,8 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.kernels.attention import native_decode, reference
 from jaxllm.kernels.attention.flash_prefill import flash_prefill_attention
@@ -48,8 +50,49 @@ def paged_attention(
     int32; ctx_lens: [batch] int32. impl: one of IMPLS (None: `default_impl()`); 'pallas' runs the paged
     decode kernel when seq == 1 and the flash prefill kernel otherwise; 'native' runs the C++ kernel when
     seq == 1 on float32 and the reference otherwise. interpret: run the Pallas kernels in the interpreter
-    (the only way on the CPU; 'pallas-interpret' implies it).
+    (the only way on the CPU; 'pallas-interpret' implies it). Under a placement (`sharding.active()`) the
+    kernel runs per device on its own heads under `shard_map`: attention never mixes heads, and XLA cannot
+    split a custom call itself.
     """
+    from jaxllm import sharding
+
+    placement = sharding.active()
+    if placement is not None and placement.tensor_parallel > 1:
+        run = lambda q, kn, vn, kp, vp, bt, cl, lay: _paged_attention(
+            q, kn, vn, kp, vp, bt, cl, sliding_window, impl, interpret=interpret, layer=lay
+        )
+        heads = P(None, None, placement.rules.q_heads, None)
+        kv = P(None, None, placement.rules.kv_heads, None)
+        pages = None if k_pages is None else P(*(None,) * (k_pages.ndim - 2), placement.rules.kv_heads, None)
+        layer_arg = jnp.asarray(0 if layer is None else layer, jnp.int32)
+        if layer is None:
+            run = lambda q, kn, vn, kp, vp, bt, cl, lay, run=run: run(q, kn, vn, kp, vp, bt, cl, None)
+        sharded = jax.shard_map(
+            run,
+            mesh=placement.mesh,
+            in_specs=(heads, kv, kv, pages, pages, P(), P(), P()),
+            out_specs=heads,
+            check_vma=False,
+        )
+        return sharded(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, layer_arg)
+    return _paged_attention(
+        q,
+        k_new,
+        v_new,
+        k_pages,
+        v_pages,
+        block_tables,
+        ctx_lens,
+        sliding_window,
+        impl,
+        interpret=interpret,
+        layer=layer,
+    )
+
+
+def _paged_attention(
+    q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window, impl, *, interpret, layer
+):
     chosen = impl or os.environ.get("JAXLLM_ATTENTION")  # asked for by name: no fallback
     impl = impl or default_impl()
     if impl not in IMPLS:
