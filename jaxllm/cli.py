@@ -17,7 +17,8 @@ from pathlib import Path
 
 from jaxllm import compile_cache
 from jaxllm.chat_template import validate_messages
-from jaxllm.cli_options import add_quant_arguments, load_options
+from jaxllm.cli_options import add_parallel_arguments, add_quant_arguments, load_options, parallelism
+from jaxllm.cli_options import positive as _positive
 from jaxllm.errors import InvalidRequestError, JaxLLMError
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.serving import serve_command
@@ -51,6 +52,8 @@ def _load(args):
         quant=opts.quant,
         dequantize=opts.dequantize,
         quant_embeddings=opts.quant_embeddings,
+        tensor_parallel=args.tensor_parallel,
+        data_parallel=args.data_parallel,
     )
 
 
@@ -221,7 +224,7 @@ def cmd_perplexity(args) -> int:
     if not Path(args.file).is_file():
         raise InvalidRequestError(f"cannot read {args.file}: no such file")
     compile_cache.enable()
-    loaded = load_model(args.model, progress=False, options=load_options(args))
+    loaded = load_model(args.model, progress=False, options=load_options(args), parallel=parallelism(args))
     res = perplexity(loaded, read_text_ids(loaded.tokenizer, args.file), args.window, args.stride)
     weights = loaded.weight_bytes / 2**20
     if args.json:
@@ -248,14 +251,6 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 # ---- entry point ---------------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-tokens", type=int, default=None)
     common.add_argument("--temperature", type=float, default=None)
     add_quant_arguments(common)
+    add_parallel_arguments(common)
 
     parser = argparse.ArgumentParser(prog="jaxllm", description="A JAX/XLA inference engine for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,run,serve,perplexity,bench}")
@@ -290,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=_positive, default=None, help="tokens between window starts (default: window)")
     ppl.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_quant_arguments(ppl)
+    add_parallel_arguments(ppl)
     ppl.set_defaults(func=cmd_perplexity)
     sub.add_parser("bench", help="run scripts/bench.py (all arguments go to it)", add_help=False)
     return parser

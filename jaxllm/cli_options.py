@@ -1,4 +1,5 @@
-"""Command-line options shared by every command that loads a model: how its weights are stored."""
+"""Command-line options shared by every command that loads a model: how its weights are stored, and over
+how many devices."""
 
 from __future__ import annotations
 
@@ -40,3 +41,33 @@ def load_options(args: argparse.Namespace):
     from jaxllm.loading.load import LoadOptions
 
     return LoadOptions(args.quant, args.dequantize, args.quant_embeddings)
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """--tensor-parallel and --data-parallel."""
+    p.add_argument(
+        "--tensor-parallel",
+        type=positive,
+        default=None,
+        metavar="N",
+        help="split the model over N devices (default: as many local devices as split its heads; 1: one device)",
+    )
+    p.add_argument("--data-parallel", type=positive, default=1, metavar="M", help="model replicas (default 1)")
+
+
+def parallelism(args: argparse.Namespace):
+    """The `Parallelism` the device flags ask for."""
+    from jaxllm.loading.load import Parallelism
+
+    return Parallelism(args.tensor_parallel, args.data_parallel)

@@ -123,6 +123,9 @@ def choose_placement(
     devices = list(devices if devices is not None else jax.local_devices())
     if data_parallel < 1 or (tensor_parallel is not None and tensor_parallel < 1):
         raise PlacementError("--tensor-parallel and --data-parallel must be at least 1")
+    if data_parallel > 1:
+        # Replicas need the batch and the KV pool split between them, which the scheduler does not do yet.
+        raise PlacementError("data parallelism is not available yet: use --data-parallel 1 (tensor parallelism works)")
     if tensor_parallel is None:
         room = max(1, len(devices) // data_parallel)
         tensor_parallel = max(t for t in range(1, room + 1) if _divides(cfg, t))

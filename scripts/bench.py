@@ -74,7 +74,14 @@ def worker_jaxllm(args) -> dict:
 
     t = time.perf_counter()
     # The same prompts run again and again here: with prefix caching they would skip their prefill.
-    llm = LLM(args.model, progress=False, prefix_caching=False, **_mode_kwargs(args.mode))
+    llm = LLM(
+        args.model,
+        progress=False,
+        prefix_caching=False,
+        tensor_parallel=args.tensor_parallel,
+        data_parallel=args.data_parallel,
+        **_mode_kwargs(args.mode),
+    )
     load_s = time.perf_counter() - t
     prompts = [
         llm.tokenizer.encode(llm.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
@@ -271,6 +278,9 @@ def parse(argv):
     p.add_argument("--quant", default=None, metavar="Q", help="measure only this ISQ scheme (same as --modes Q)")
     p.add_argument("--peers", type=names, default=list(PEERS), help="transformers,llama.cpp (or none)")
     p.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
+    from jaxllm.cli_options import add_parallel_arguments
+
+    add_parallel_arguments(p)
     p.add_argument("--worker", choices=["jaxllm", *PEERS], help=argparse.SUPPRESS)
     p.add_argument("--mode", default="gguf", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -310,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         ",".join(map(str, args.batches)),
         "--hf-batches",
         ",".join(map(str, args.hf_batches)),
+        "--data-parallel",
+        str(args.data_parallel),
+        *(["--tensor-parallel", str(args.tensor_parallel)] if args.tensor_parallel else []),
     ]
     res = {f"jaxllm-{m}": _run_worker("jaxllm", [*passthrough, "--mode", m], MODE_ENV.get(m)) for m in args.modes}
     for peer in args.peers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -159,3 +160,151 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
     }
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "SHARDED-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+SMOL_LIKE = dataclasses.replace(LLAMA3_8B, num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576)
+
+
+def test_a_size_that_does_not_split_the_heads_or_needs_more_devices_is_refused():
+    from jaxllm.errors import PlacementError
+    from jaxllm.sharding import choose_placement
+
+    with pytest.raises(PlacementError, match="does not split the model's 9 query heads and 3 KV heads"):
+        choose_placement(SMOL_LIKE, tensor_parallel=2)
+    with pytest.raises(PlacementError, match="needs 3 devices, but 1 are available"):
+        choose_placement(SMOL_LIKE, tensor_parallel=3, devices=jax.devices()[:1])
+    with pytest.raises(PlacementError, match="data parallelism is not available yet"):
+        choose_placement(SMOL_LIKE, tensor_parallel=1, data_parallel=2)
+    assert choose_placement(SMOL_LIKE, tensor_parallel=None, devices=jax.devices()[:1]) is None  # one device
+
+
+def test_fewer_kv_heads_than_devices_store_each_kv_head_once_per_device_of_its_group():
+    import numpy as np
+
+    from jaxllm.models.llama_weights import qkv_rows, qkv_source_rows
+    from jaxllm.sharding import Placement, shard_config
+
+    cfg = dataclasses.replace(LLAMA3_8B, num_heads=8, num_kv_heads=2, head_dim=4, hidden_size=32)
+    four = Placement(make_mesh(1, 1))  # shard_config reads only the tensor-parallel size
+    object.__setattr__(four, "mesh", type("M", (), {"shape": {"model": 4, "data": 1}})())
+    copied = shard_config(cfg, four)
+    assert (copied.num_kv_heads, copied.source_kv_heads, copied.num_groups) == (4, 2, 2)
+    rows = qkv_rows(copied).reshape(4, 2 + 2, 4)  # per kv copy: 2 query heads, its k, its v (head_dim 4)
+    q_head = lambda r: r[0] // 4
+    assert [q_head(rows[j, 0]) for j in range(4)] == [0, 2, 4, 6]  # query heads keep their order
+    k_src = [(rows[j, 2][0] - 8 * 4) // 4 for j in range(4)]
+    assert k_src == [0, 0, 1, 1]  # copies 0, 1 of kv head 0, then of kv head 1
+    assert qkv_source_rows(copied) == (8 + 2 * 2) * 4 and rows.max() < qkv_source_rows(copied)
+    np.testing.assert_array_equal(qkv_rows(shard_config(cfg, None)), qkv_rows(cfg))
+
+
+PARALLEL_SCRIPT = """
+import sys
+import jax, numpy as np
+from jax.sharding import PartitionSpec as P
+from flax import linen as nn
+from jaxllm import LLM, SamplingParams
+from jaxllm.models.registry import param_shapes
+from jaxllm.sharding import device_bytes
+
+assert len(jax.devices()) == 8
+params = SamplingParams(temperature=0, max_tokens=12, min_tokens=12, logprobs=3)
+
+
+def outputs(llm, prompts):
+    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    return [o.token_ids for o in outs], [[(t.logprob, [lp for _, lp in t.top]) for t in o.logprobs] for o in outs]
+
+
+def same_run(a, b, prompts):
+    (ids_a, lp_a), (ids_b, lp_b) = outputs(a, prompts), outputs(b, prompts)
+    assert ids_a == ids_b, (ids_a, ids_b)
+    flat = lambda lps: [x for seq in lps for chosen, top in seq for x in (chosen, *top)]
+    diff = max(abs(x - y) for x, y in zip(flat(lp_a), flat(lp_b)))
+    assert diff <= 1e-4, diff
+
+
+def check_shardings(llm):
+    # every param array is split as its logical axes say (where the size divides), and the matmuls are split
+    boxed = param_shapes(llm.loaded.model)["params"]
+    placement = llm.loaded.placement
+    flat_boxed = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    flat = dict(jax.tree_util.tree_flatten_with_path(llm.loaded.params["params"])[0])
+    split = set()
+    for path, box in flat_boxed:
+        array = flat[path]
+        want = [placement.rules.axis(n) for n in box.names]
+        got = tuple(array.sharding.spec) + (None,) * (array.ndim - len(array.sharding.spec))
+        for w, g, d in zip(want, got, array.shape):
+            assert g in (w, None), (path, want, got)
+            quantized_part = any(f".{f}" in jax.tree_util.keystr(path) for f in ("q", "scale", "offset"))
+            assert g == w or d % placement.axis_size(w) or quantized_part, (path, want, got)  # (K may stay whole)
+        if "model" in got:
+            split.add(jax.tree_util.keystr(path))
+    return split
+
+
+def per_device_fraction(llm):
+    per = device_bytes(llm.loaded.params)
+    assert len(per) == llm.loaded.placement.tensor_parallel
+    return max(per.values()) / llm.weight_bytes
+
+
+which = sys.argv[1]
+if which == "tiny":
+    folder = sys.argv[2]
+    prompts = ["hello there the", "the cat sat on the mat and", "xyz"]
+    one = LLM(folder, tensor_parallel=1, progress=False)
+    for tp in (2, 4):  # 2 KV heads: at 4 each is stored on the 2 devices of its query heads
+        llm = LLM(folder, tensor_parallel=tp, progress=False)
+        assert llm.loaded.placement.tensor_parallel == tp and llm.config.num_kv_heads == max(2, tp)
+        same_run(one, llm, prompts)
+        split = check_shardings(llm)
+        for name in ("qkv", "'o'", "gate_up", "down", "embed"):
+            assert any(name in s for s in split), (name, split)
+        assert tuple(llm.runner.cache.k.sharding.spec)[3] == "model"  # the KV pool: split over KV heads
+        frac = per_device_fraction(llm)
+        assert 1 / tp <= frac < 1 / tp + 0.05, (tp, frac)
+    q_one = LLM(folder, tensor_parallel=1, quant="int8", progress=False)
+    q_tp = LLM(folder, tensor_parallel=2, quant="int8", progress=False)
+    assert q_tp.loaded.params["params"]["layers"]["mlp"]["down"].q.sharding.spec[-1] == "model"  # K split
+    same_run(q_one, q_tp, prompts)
+    print("TINY-OK")
+elif which == "smollm2":
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Tell me a story about a dragon."}]]
+    prompts = [None, None]
+    one = LLM("smollm2", tensor_parallel=1, progress=False)
+    prompts = [one.apply_chat_template(c) for c in chats]
+    llm = LLM("smollm2", progress=False)  # the default: 9 query / 3 KV heads split over 3 of the 8 devices
+    assert llm.loaded.placement.tensor_parallel == 3 and llm.config.num_kv_heads == 3
+    same_run(one, llm, prompts)
+    check_shardings(llm)
+    frac = per_device_fraction(llm)
+    assert 1 / 3 <= frac < 1 / 3 + 0.02, frac
+    print("SMOLLM2-OK")
+"""
+
+
+def _run_on_8_devices(*args) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", PARALLEL_SCRIPT, *args], capture_output=True, text=True, env=env, timeout=900
+    )
+
+
+@pytest.mark.slow
+def test_tensor_parallel_tiny_models_generate_as_one_device(tiny_models):
+    proc = _run_on_8_devices("tiny", str(tiny_models["llama"][0]))
+    assert "TINY-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_smollm2_generates_as_one_device(smollm2_path):
+    proc = _run_on_8_devices("smollm2")
+    assert "SMOLLM2-OK" in proc.stdout, proc.stderr[-3000:]

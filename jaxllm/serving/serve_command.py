@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from jaxllm import compile_cache
-from jaxllm.cli_options import add_quant_arguments, load_options
+from jaxllm.cli_options import add_parallel_arguments, add_quant_arguments, load_options, parallelism
 
 SERVE_DEFAULT_MAX_LEN = 2048
 
@@ -64,6 +64,7 @@ def add_parser(sub, positive) -> None:
         "unrolled (faster offline decode on the CPU, slower to compile)",
     )
     add_quant_arguments(p)
+    add_parallel_arguments(p)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -84,9 +85,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         scan_layers=args.layers == "scan",
         options=load_options(args),
+        parallel=parallelism(args),
     )
     stored = f" ({loaded.quant.describe()})" if loaded.quant else ""
-    logging.getLogger(__name__).info("weights: %.1f MiB on the device%s", loaded.weight_bytes / 2**20, stored)
+    log = logging.getLogger(__name__)
+    log.info("weights: %.1f MiB on the device%s", loaded.weight_bytes / 2**20, stored)
+    if loaded.placement:
+        p = loaded.placement
+        log.info("sharded: tensor parallel %d x data parallel %d", p.tensor_parallel, p.data_parallel)
     max_len = args.max_model_len or min(loaded.config.max_position_embeddings, SERVE_DEFAULT_MAX_LEN)
     llm = LLM(
         loaded=loaded,
