@@ -33,19 +33,21 @@ def make_step(llm, impl: str, batch: int, context: int):
     """A function that runs one decode step of `batch` rows at `context` cached tokens (compiled first)."""
     from jaxllm import SamplingParams
     from jaxllm.engine import buckets
-    from jaxllm.engine.runner import flags_for, row_params
+    from jaxllm.engine.runner import DecodeBatch, flags_for, row_params
 
     runner, page = llm.runner, llm.engine.page_size
     attn = buckets.attn_bucket(context + 1, llm.max_model_len)
     pages = -(-attn // page)
     tables = np.arange(batch * pages, dtype=np.int32).reshape(batch, pages) % runner.num_pages
     params = [SamplingParams(temperature=0)] * batch
-    rows, active, flags = row_params(params, [0] * batch, batch), np.ones(batch, bool), flags_for(params)
+    inputs = DecodeBatch(
+        row_params(params, [0] * batch, batch), np.ones(batch, bool), tables, batch, attn, 1, flags_for(params)
+    )
 
     def step():
         # Every step decodes at the same position, so the attended context stays `context` tokens.
         runner.state = dataclasses.replace(runner.state, positions=jnp.full_like(runner.state.positions, context))
-        toks, _ = runner.decode(rows, active, tables, batch, attn, flags, 1)
+        toks, _ = runner.decode(inputs)
         toks.block_until_ready()
 
     os.environ["JAXLLM_ATTENTION"] = impl

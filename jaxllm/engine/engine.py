@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 
 from jaxllm.engine import buckets
 from jaxllm.engine.kv_pages import PagePool
-from jaxllm.engine.runner import ModelRunner, PrefillBatch, flags_for, row_params
+from jaxllm.engine.runner import DecodeBatch, ModelRunner, PrefillBatch, StepInputs, flags_for, row_params
 from jaxllm.engine.scheduler import Plan, PrefillChunk, Scheduler
 from jaxllm.engine.sequence import Sequence, TokenLogprob, Update
 from jaxllm.errors import ContextLengthError, InvalidRequestError
@@ -72,6 +73,8 @@ class Engine:
         self._inflight: _Dispatched | None = None
         self._rng = np.random.default_rng()
         self._ids = itertools.count()
+        # Called with each step's inputs before they run (plain data: see StepInputs), e.g. to record them.
+        self.on_step: Callable[[StepInputs], None] | None = None
 
     # ---- requests -------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids, params: SamplingParams):
@@ -150,18 +153,30 @@ class Engine:
         return updates
 
     def _dispatch(self, plan: Plan) -> _Dispatched:
+        inputs, owners = self.step_inputs(plan)
+        self.prefilled_tokens += sum(c.end - c.start for c in plan.prefills)
+        if self.on_step is not None:
+            self.on_step(inputs)
+        prefills = [(*self.runner.prefill(b), seqs) for b, seqs in zip(inputs.prefills, owners[0], strict=True)]
+        decode = (*self.runner.decode(inputs.decode), owners[1]) if inputs.decode is not None else None
+        return _Dispatched(prefills, decode)
+
+    def step_inputs(self, plan: Plan) -> tuple[StepInputs, tuple[list[dict[int, Sequence]], dict[int, Sequence]]]:
+        """The plan as the runner's plain inputs, and which sequence each sampled row belongs to."""
         groups: dict[tuple[int, int], list[PrefillChunk]] = defaultdict(list)
         for c in plan.prefills:
             length = buckets.seq_bucket(c.end - c.start, self.max_model_len)
             ctx = buckets.attn_bucket(c.start, self.max_model_len) if c.start else 0
             groups[(length, ctx)].append(c)
-        prefills = []
+        prefills, prefill_owners = [], []
         for (length, ctx), chunks in groups.items():
             limit = self.runner.prefill_rows(length)
             for i in range(0, len(chunks), limit):
-                prefills.append(self._prefill(chunks[i : i + limit], length, ctx))
-        decode = self._decode(plan.decodes, plan.decode_steps) if plan.decodes else None
-        return _Dispatched(prefills, decode)
+                part = chunks[i : i + limit]
+                prefills.append(self._prefill(part, length, ctx))
+                prefill_owners.append({j: c.seq for j, c in enumerate(part) if c.last})
+        decode, decode_owners = (self._decode(plan.decodes, plan.decode_steps)) if plan.decodes else (None, {})
+        return StepInputs(prefills, decode), (prefill_owners, decode_owners)
 
     def _block_tables(self, seqs, rows: int, tokens: int) -> np.ndarray:
         """[rows, n_pages] page ids covering `tokens` positions of each sequence (None: a padding row);
@@ -174,7 +189,7 @@ class Engine:
                 table[i, : len(pages)] = pages
         return table
 
-    def _prefill(self, chunks: list[PrefillChunk], length: int, ctx: int):
+    def _prefill(self, chunks: list[PrefillChunk], length: int, ctx: int) -> PrefillBatch:
         rows = buckets.batch_bucket(len(chunks), self.runner.prefill_rows(length))
         tokens = np.zeros((rows, length), np.int32)
         starts = np.zeros((rows,), np.int32)
@@ -196,7 +211,6 @@ class Engine:
                 prior[i, : c.start] = ids[: c.start]
             for tok, b in s.params.logit_bias.items():
                 bias[i, tok] = b
-        self.prefilled_tokens += sum(c.end - c.start for c in chunks)
         plist = [c.seq.params for c in chunks]
         seeds = [c.seq.seed for c in chunks]
         table = self._block_tables([c.seq for c in chunks], rows, max(ctx, max(c.start for c in chunks)) + length)
@@ -214,11 +228,11 @@ class Engine:
             row_params(plist, seeds, rows),
             bias,
             ctx,
+            flags_for(plist),
         )
-        first, info = self.runner.prefill(batch, flags_for(plist))
-        return first, info, {i: c.seq for i, c in enumerate(chunks) if c.last}
+        return batch
 
-    def _decode(self, seqs: list[Sequence], steps: int):
+    def _decode(self, seqs: list[Sequence], steps: int) -> tuple[DecodeBatch, dict[int, Sequence]]:
         by_slot = {s.slot: s for s in seqs}
         rows = buckets.batch_bucket(max(by_slot) + 1, self.runner.slots)
         plist = [by_slot.get(i) for i in range(rows)]
@@ -228,10 +242,8 @@ class Engine:
         longest = max(s.num_tokens + s.inflight for s in seqs)
         attn = buckets.attn_bucket(longest, self.max_model_len)
         table = self._block_tables(plist, rows, attn)
-        toks, info = self.runner.decode(
-            row_params(params, seeds, rows), active, table, rows, attn, flags_for(params), steps
-        )
-        return toks, info, by_slot
+        batch = DecodeBatch(row_params(params, seeds, rows), active, table, rows, attn, steps, flags_for(params))
+        return batch, by_slot
 
     def _process(self, done: _Dispatched) -> list[Update]:
         updates = []

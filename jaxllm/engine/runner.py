@@ -56,8 +56,9 @@ class PrefillBatch:
     fresh [rows]: the row's first chunk since admission (its penalty state starts afresh, from `prior`,
     the tokens [0, start) found in the prefix cache, [rows, ctx_len], `vocab` past them); last [rows]:
     the row's last chunk (its sampled token counts); block_tables [rows, n_pages]; row params; bias
-    [rows, V]; ctx_len: static cached prefix bucket the chunk attends to (0 when nothing is cached).
-    A pytree: the jitted prefill takes it whole, compiled once per ctx_len and array shapes."""
+    [rows, V]; ctx_len: static cached prefix bucket the chunk attends to (0 when nothing is cached); flags:
+    the sampler variant (static). A pytree of plain arrays: the jitted prefill takes it whole, compiled once
+    per static fields and array shapes."""
 
     tokens: np.ndarray
     starts: np.ndarray
@@ -72,6 +73,33 @@ class PrefillBatch:
     params: RowParams
     bias: np.ndarray
     ctx_len: int = dataclasses.field(default=0, metadata=dict(static=True))
+    flags: SamplerFlags = dataclasses.field(default=SamplerFlags(), metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeBatch:
+    """Host-side inputs of one decode dispatch over the first `rows` slots: params (RowParams [rows]);
+    active [rows] (the rows whose state advances: the others are padding); block_tables [rows, n_pages]
+    covering every position written; rows, attn_len (the static context bucket attended), n_steps (decode
+    steps in the dispatch) and flags (the sampler variant), all static. Plain arrays, like PrefillBatch."""
+
+    params: RowParams
+    active: np.ndarray
+    block_tables: np.ndarray
+    rows: int = dataclasses.field(metadata=dict(static=True))
+    attn_len: int = dataclasses.field(metadata=dict(static=True))
+    n_steps: int = dataclasses.field(metadata=dict(static=True))
+    flags: SamplerFlags = dataclasses.field(default=SamplerFlags(), metadata=dict(static=True))
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """Everything one engine step hands the runner: its prefill calls and its decode dispatch, as plain
+    data (no sequence, no tokenizer), so that it can be recorded, sent to other processes and replayed."""
+
+    prefills: list[PrefillBatch]
+    decode: DecodeBatch | None
 
 
 class ModelRunner:
@@ -104,10 +132,8 @@ class ModelRunner:
             if cfg.eos_token_ids
             else jnp.zeros((cfg.vocab_size,), bool)
         )
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("flags",), donate_argnums=(1, 2))
-        self._decode = jax.jit(
-            self._decode_fn, static_argnames=("flags", "rows", "attn_len", "n_steps"), donate_argnums=(1, 2)
-        )
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
 
     @property
     def num_pages(self) -> int:
@@ -141,12 +167,12 @@ class ModelRunner:
         """How many prompts of this length bucket one prefill call may take."""
         return max(1, min(self.slots, self.max_prefill_tokens // length_bucket))
 
-    def prefill(self, batch: PrefillBatch, flags: SamplerFlags):
+    def prefill(self, batch: PrefillBatch):
         """Prefill chunks into their pages and sample a token after each (device arrays; only a sequence's
         last chunk's token is meaningful)."""
         with self._placed():
             self.cache, self.state, first, info = self._prefill(
-                self.params, self.cache, self.state, batch, self.stop_mask, flags=flags
+                self.params, self.cache, self.state, batch, self.stop_mask
             )
         return first, info
 
@@ -154,37 +180,18 @@ class ModelRunner:
         """The context the steps trace and run in: the placement's mesh, or nothing on one device."""
         return self.placement.active() if self.placement else contextlib.nullcontext()
 
-    def decode(
-        self,
-        params: RowParams,
-        active: np.ndarray,
-        block_tables: np.ndarray,
-        rows: int,
-        attn_len: int,
-        flags: SamplerFlags,
-        n_steps: int = 0,
-    ):
-        """Dispatch `n_steps` (default `decode_steps`) decode steps over the first `rows` slots, whose pages
-        are block_tables [rows, n_pages] (covering every position written); returns device arrays (tokens
-        [steps, rows], logprob info) without waiting for them."""
+    def decode(self, batch: DecodeBatch):
+        """Dispatch `batch.n_steps` decode steps over the first `batch.rows` slots; returns device arrays
+        (tokens [steps, rows], logprob info) without waiting for them."""
         with self._placed():
             self.cache, self.state, toks, info = self._decode(
-                self.params,
-                self.cache,
-                self.state,
-                params,
-                jnp.asarray(active),
-                jnp.asarray(block_tables),
-                self.stop_mask,
-                flags=flags,
-                rows=rows,
-                attn_len=attn_len,
-                n_steps=n_steps or self.decode_steps,
+                self.params, self.cache, self.state, batch, self.stop_mask
             )
         return toks, info
 
-    def _prefill_fn(self, params, cache, state, batch: PrefillBatch, stop_mask, *, flags):
+    def _prefill_fn(self, params, cache, state, batch: PrefillBatch, stop_mask):
         self.compiles["prefill"] += 1
+        flags = batch.flags
         rows, t = batch.tokens.shape
         offsets = jnp.arange(t, dtype=jnp.int32)[None]
         positions = batch.starts[:, None] + offsets
@@ -237,8 +244,10 @@ class ModelRunner:
         )
         return cache, state, first, info
 
-    def _decode_fn(self, params, cache, state, rp, active, block_tables, stop_mask, *, flags, rows, attn_len, n_steps):
+    def _decode_fn(self, params, cache, state, batch: DecodeBatch, stop_mask):
         self.compiles["decode"] += 1
+        rp, active, block_tables = batch.params, batch.active, batch.block_tables
+        flags, rows, attn_len, n_steps = batch.flags, batch.rows, batch.attn_len, batch.n_steps
         take = lambda x: x[:rows]
         st = jax.tree.map(take, state)
 
