@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
+from jaxllm import distributed
 from jaxllm.chat_template import render_chat
+from jaxllm.distributed import Cluster
 from jaxllm.engine.engine import Engine
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.errors import InvalidRequestError
@@ -61,10 +64,13 @@ class LLM:
         quant_embeddings: bool = False,
         tensor_parallel: int | None = None,
         data_parallel: int = 1,
+        cluster: Cluster | None = None,
         progress: bool = True,
         loaded: LoadedModel | None = None,
     ):
         options = LoadOptions(quant, dtype is not None if dequantize is None else dequantize, quant_embeddings)
+        if cluster is not None:
+            distributed.initialize(cluster)
         dtype = dtype or default_dtype()
         self.loaded = loaded or load_model(
             model,
@@ -80,6 +86,11 @@ class LLM:
         self.runner = ModelRunner(
             self.loaded.model, self.loaded.params, self.config, dtype, decode_steps, placement=self.loaded.placement
         )
+        self.cluster = cluster
+        self._channel = distributed.Channel() if cluster is not None else None
+        if cluster is not None and cluster.leader:
+            self.runner.channel = self._channel
+            atexit.register(self.close)
         self.engine = Engine(
             self.runner,
             self.tokenizer,
@@ -91,6 +102,19 @@ class LLM:
             kv_cache_memory=kv_cache_memory,
             prefix_caching=prefix_caching,
         )
+
+    def follow(self) -> int:
+        """On a follower of a multi-process group (`cluster.process_id` > 0): run the leader's steps until it
+        closes; returns how many runner calls ran."""
+        if self.cluster is None or self.cluster.leader:
+            raise InvalidRequestError("follow() runs on the followers of a group (cluster.process_id > 0)")
+        return distributed.follow(self.runner, self._channel)
+
+    def close(self) -> None:
+        """On the leader of a group: tell the followers to stop (once; also at exit)."""
+        if self.runner.channel is not None:
+            channel, self.runner.channel = self.runner.channel, None
+            channel.send("stop")
 
     @property
     def weight_bytes(self) -> int:

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from jaxllm import compile_cache
 from jaxllm.chat_template import validate_messages
-from jaxllm.cli_options import add_parallel_arguments, add_quant_arguments, load_options, parallelism
+from jaxllm.cli_options import (
+    add_distributed_arguments,
+    add_parallel_arguments,
+    add_quant_arguments,
+    cluster,
+    load_options,
+    parallelism,
+)
 from jaxllm.cli_options import positive as _positive
 from jaxllm.errors import InvalidRequestError, JaxLLMError
 from jaxllm.sampling_params import SamplingParams
@@ -44,7 +51,8 @@ def _load(args):
 
     compile_cache.enable()
     opts = load_options(args)
-    return LLM(
+    group = cluster(args)
+    llm = LLM(
         args.model,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
@@ -54,7 +62,12 @@ def _load(args):
         quant_embeddings=opts.quant_embeddings,
         tensor_parallel=args.tensor_parallel,
         data_parallel=args.data_parallel,
+        cluster=group,
     )
+    if group is not None and not group.leader:  # a follower only replays process 0's steps
+        llm.follow()
+        raise SystemExit(0)
+    return llm
 
 
 # ---- generate ------------------------------------------------------------------------------------
@@ -263,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--temperature", type=float, default=None)
     add_quant_arguments(common)
     add_parallel_arguments(common)
+    add_distributed_arguments(common)
 
     parser = argparse.ArgumentParser(prog="jaxllm", description="A JAX/XLA inference engine for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,run,serve,perplexity,bench}")

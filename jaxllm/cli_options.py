@@ -71,3 +71,35 @@ def parallelism(args: argparse.Namespace):
     from jaxllm.loading.load import Parallelism
 
     return Parallelism(args.tensor_parallel, args.data_parallel)
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    """--coordinator-address, --num-processes and --process-id (a group of processes over several hosts)."""
+    p.add_argument(
+        "--coordinator-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="join a multi-process group whose process 0 listens here (every process runs the same command)",
+    )
+    p.add_argument("--num-processes", type=positive, default=None, metavar="N", help="processes in the group")
+    p.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        metavar="I",
+        help="this process's index: 0 leads (schedules, serves), the others follow its steps",
+    )
+
+
+def cluster(args: argparse.Namespace):
+    """The `Cluster` the flags describe, or None without --coordinator-address."""
+    from jaxllm.distributed import Cluster
+    from jaxllm.errors import PlacementError
+
+    if args.coordinator_address is None:
+        if args.num_processes is not None or args.process_id is not None:
+            raise PlacementError("--num-processes and --process-id need --coordinator-address HOST:PORT")
+        return None
+    if args.num_processes is None or args.process_id is None:
+        raise PlacementError("--coordinator-address needs --num-processes N and --process-id I")
+    return Cluster(args.coordinator_address, args.num_processes, args.process_id)

@@ -58,3 +58,7 @@ class QuantizationError(JaxLLMError, ValueError):
 
 class PlacementError(JaxLLMError, ValueError):
     """A tensor- or data-parallel layout the model's heads or the available devices cannot take."""
+
+
+class DistributedError(JaxLLMError):
+    """A process of a multi-process group died or stopped answering: the group cannot continue."""

@@ -120,7 +120,9 @@ def choose_placement(
     query heads (the KV heads split too, or are replicated in equal groups). Raises PlacementError for a size
     that does not divide the heads or more devices than exist.
     """
-    devices = list(devices if devices is not None else jax.local_devices())
+    if devices is None:  # in a multi-process group, the mesh spans every process's devices
+        devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()
+    devices = list(devices)
     if data_parallel < 1 or (tensor_parallel is not None and tensor_parallel < 1):
         raise PlacementError("--tensor-parallel and --data-parallel must be at least 1")
     if data_parallel > 1:

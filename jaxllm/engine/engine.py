@@ -14,12 +14,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxllm.distributed import peer_failure
 from jaxllm.engine import buckets
 from jaxllm.engine.kv_pages import PagePool
 from jaxllm.engine.runner import DecodeBatch, ModelRunner, PrefillBatch, StepInputs, flags_for, row_params
 from jaxllm.engine.scheduler import Plan, PrefillChunk, Scheduler
 from jaxllm.engine.sequence import Sequence, TokenLogprob, Update
-from jaxllm.errors import ContextLengthError, InvalidRequestError
+from jaxllm.errors import ContextLengthError, InvalidRequestError, JaxLLMError
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import Tokenizer
 
@@ -144,11 +145,18 @@ class Engine:
     # ---- stepping -------------------------------------------------------------------------------
     def step(self) -> list[Update]:
         """Dispatch the next plan, then read back and apply the previous step's tokens."""
-        if self.runner.cache is None:
-            self.reserve(self.max_num_seqs, self.max_model_len)
-        plan = self.scheduler.schedule()
-        current = self._dispatch(plan) if not plan.empty else None
-        updates = self._process(self._inflight) if self._inflight is not None else []
+        try:
+            if self.runner.cache is None:
+                self.reserve(self.max_num_seqs, self.max_model_len)
+            plan = self.scheduler.schedule()
+            current = self._dispatch(plan) if not plan.empty else None
+            updates = self._process(self._inflight) if self._inflight is not None else []
+        except JaxLLMError:
+            raise
+        except Exception as e:
+            if self.runner.channel is not None:  # one process of a group is gone: its collectives fail
+                raise peer_failure(e) from e
+            raise
         self._inflight = current
         return updates
 

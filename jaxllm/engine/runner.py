@@ -121,17 +121,15 @@ class ModelRunner:
     ):
         self.model, self.params, self.cfg, self.dtype = model, params, cfg, dtype
         self.placement = placement
+        self.channel = None  # set on the leader of a multi-process group: each call is published first
         self.decode_steps = decode_steps
         self.max_prefill_tokens = max_prefill_tokens
         self.cache: KVCache | None = None
         self.state: DecodeState | None = None
         self.slots = 0
         self.compiles: Counter = Counter()
-        self.stop_mask = (
-            jnp.zeros((cfg.vocab_size,), bool).at[jnp.asarray(cfg.eos_token_ids, jnp.int32)].set(True)
-            if cfg.eos_token_ids
-            else jnp.zeros((cfg.vocab_size,), bool)
-        )
+        self.stop_mask = np.zeros((cfg.vocab_size,), bool)  # host data: every process of a group passes the same
+        self.stop_mask[list(cfg.eos_token_ids)] = True
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
 
@@ -147,10 +145,14 @@ class ModelRunner:
         """(Re)allocate the page pool and the decode state of `slots` sequences (only valid while idle)."""
         if self.cache is not None and (self.slots, self.num_pages, self.page_size) == (slots, num_pages, page_size):
             return
+        if self.channel is not None:
+            self.channel.send("allocate", slots, num_pages, page_size)
         self.cache = self.state = None  # free the old buffers before allocating the new ones
         per_layer = not self.model.scan_layers
         self.cache = KVCache.zeros(self.cfg, num_pages, page_size, self.dtype, per_layer, self.placement)
         self.state = DecodeState.zeros(slots, self.cfg.vocab_size)
+        if self.placement is not None:  # one copy per device, so that every process of a group can address it
+            self.state = jax.device_put(self.state, self.placement.replicated())
         self.slots = slots
 
     def kv_bytes_per_token(self) -> int:
@@ -170,6 +172,8 @@ class ModelRunner:
     def prefill(self, batch: PrefillBatch):
         """Prefill chunks into their pages and sample a token after each (device arrays; only a sequence's
         last chunk's token is meaningful)."""
+        if self.channel is not None:
+            self.channel.send("prefill", batch)
         with self._placed():
             self.cache, self.state, first, info = self._prefill(
                 self.params, self.cache, self.state, batch, self.stop_mask
@@ -183,6 +187,8 @@ class ModelRunner:
     def decode(self, batch: DecodeBatch):
         """Dispatch `batch.n_steps` decode steps over the first `batch.rows` slots; returns device arrays
         (tokens [steps, rows], logprob info) without waiting for them."""
+        if self.channel is not None:
+            self.channel.send("decode", batch)
         with self._placed():
             self.cache, self.state, toks, info = self._decode(
                 self.params, self.cache, self.state, batch, self.stop_mask
@@ -242,7 +248,7 @@ class ModelRunner:
             put(state.counts, counts),
             put(state.bias, batch.bias),
         )
-        return cache, state, first, info
+        return cache, state, *self._everywhere((first, info))
 
     def _decode_fn(self, params, cache, state, batch: DecodeBatch, stop_mask):
         self.compiles["decode"] += 1
@@ -286,7 +292,14 @@ class ModelRunner:
 
         (cache, st), (toks, info) = jax.lax.scan(step, (cache, st), None, length=n_steps)
         state = jax.tree.map(lambda full, part: full.at[:rows].set(part), state, st)
-        return cache, state, toks, info
+        return cache, state, *self._everywhere((toks, info))
+
+    def _everywhere(self, tree):
+        """Under a placement, the sampled tokens and logprobs whole on every device (each process of a group
+        can then read them); as they are on one device."""
+        if self.placement is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, self.placement.replicated())
 
 
 def row_params(plist, seeds, rows: int) -> RowParams:

@@ -6,7 +6,14 @@ import argparse
 import logging
 
 from jaxllm import compile_cache
-from jaxllm.cli_options import add_parallel_arguments, add_quant_arguments, load_options, parallelism
+from jaxllm.cli_options import (
+    add_distributed_arguments,
+    add_parallel_arguments,
+    add_quant_arguments,
+    cluster,
+    load_options,
+    parallelism,
+)
 
 SERVE_DEFAULT_MAX_LEN = 2048
 
@@ -65,6 +72,7 @@ def add_parser(sub, positive) -> None:
     )
     add_quant_arguments(p)
     add_parallel_arguments(p)
+    add_distributed_arguments(p)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -79,6 +87,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     compile_cache.enable()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    group = cluster(args)
+    if group is not None:
+        from jaxllm import distributed
+
+        distributed.initialize(group)  # before the loader touches a device
     loaded = load_model(
         args.model,
         default_dtype(),
@@ -104,7 +117,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         kv_cache_memory=args.kv_cache_memory,
         prefix_caching=not args.no_prefix_caching,
+        cluster=group,
     )
+    if group is not None and not group.leader:  # followers replay process 0's steps; it serves HTTP
+        log.info("process %d follows process 0's steps", group.process_id)
+        llm.follow()
+        return 0
     app = create_app(
         llm,
         served_model_name=args.served_model_name,
