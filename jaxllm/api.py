@@ -108,13 +108,16 @@ class LLM:
         closes; returns how many runner calls ran."""
         if self.cluster is None or self.cluster.leader:
             raise InvalidRequestError("follow() runs on the followers of a group (cluster.process_id > 0)")
-        return distributed.follow(self.runner, self._channel)
+        calls = distributed.follow(self.runner, self._channel)
+        distributed.leave()
+        return calls
 
     def close(self) -> None:
         """On the leader of a group: tell the followers to stop (once; also at exit)."""
         if self.runner.channel is not None:
             channel, self.runner.channel = self.runner.channel, None
             channel.send("stop")
+            distributed.leave()
 
     @property
     def weight_bytes(self) -> int:

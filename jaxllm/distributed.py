@@ -110,6 +110,13 @@ def follow(runner, channel: Channel) -> int:
             jax.block_until_ready(runner.cache)
 
 
+def leave() -> None:
+    """Leave the group at its shutdown barrier (every process calls it once its part is done), so that no
+    process outlives the coordination service that process 0 hosts and dies on its lost connection."""
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
 def peer_failure(e: BaseException) -> DistributedError:
     """The error a step raises when another process of the group is gone, as one line."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -128,3 +128,39 @@ def test_jaxllm_generate_over_two_processes_prints_what_one_process_does(tiny_mo
     assert leader.returncode == 0 and own(out) == one.stdout, err[-2000:]
     f_out, f_err = follower.communicate(timeout=60)
     assert follower.returncode == 0 and own(f_out) == "", f_err[-2000:]  # a follower prints nothing of its own
+
+
+def test_process_0_serves_http_for_the_group(tiny_models):
+    import httpx
+
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.serving.launch import spawn_server
+
+    folder = str(tiny_models["llama"][0])
+    want = (
+        LLM(folder, tensor_parallel=1, progress=False)
+        .generate("the cat sat", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+        .outputs[0]
+        .text
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    group = ["--model", folder, "--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "jaxllm", "serve", *group, "--process-id", "1", "--port", str(free_port())],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    leader, url = spawn_server([*group, "--process-id", "0", "--no-warmup"], timeout=300, env=env)
+    try:
+        name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        body = {"model": name, "prompt": "the cat sat", "temperature": 0, "max_tokens": 8}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    finally:
+        leader.terminate()
+        leader.wait(timeout=60)
+    follower.wait(timeout=60)  # the leader's exit ended the follower's loop
+    assert follower.returncode == 0, follower.stderr.read()[-2000:]

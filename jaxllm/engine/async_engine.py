@@ -13,12 +13,14 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
+import signal
 import threading
 from collections.abc import AsyncIterator
 
 from jaxllm.engine.engine import Engine
 from jaxllm.engine.sequence import TokenLogprob
-from jaxllm.errors import EngineShutdownError
+from jaxllm.errors import DistributedError, EngineShutdownError
 from jaxllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,11 @@ class AsyncEngine:
             if self.engine.has_unfinished():
                 try:
                     self._deliver(self.engine.step())
+                except DistributedError as e:  # the group is broken: tell the clients, then stop this process
+                    log.error("%s", e)
+                    self._fail_all(e)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
                 except Exception as e:  # a device failure must reach the waiting clients, not kill the thread
                     log.exception("engine step failed")
                     self._fail_all(e)

@@ -58,6 +58,7 @@ def create_app(
             state.ready = False
             await starting
             await state.engine.shutdown(shutdown_timeout)
+            await asyncio.to_thread(llm.close)  # the leader of a process group lets its followers go
 
     routes = [
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),

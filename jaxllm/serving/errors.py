@@ -31,6 +31,7 @@ STATUS: dict[type, tuple[int, str]] = {
     BodyTooLargeError: (413, "invalid_request_error"),
     E.QueueFullError: (429, "rate_limit_error"),
     E.EngineShutdownError: (503, "service_unavailable"),
+    E.DistributedError: (503, "service_unavailable"),
 }
 
 CODES = {
