@@ -36,14 +36,9 @@ std::vector<__m512bh> XToBf16(const Problem& p) {
 // x by one vdpbf16ps.
 template <Kind kKind, bool kOffset, int kM, int kGroup>
 void Bf16Tile(const Problem& p, const __m512bh* xb, int64_t n0) {
-  using Reader = RowReader<kKind, kOffset>;
-  Reader rows[kRows] = {Reader(p, std::min(n0, p.n - 1)), Reader(p, std::min(n0 + 1, p.n - 1)),
-                        Reader(p, std::min(n0 + 2, p.n - 1)), Reader(p, std::min(n0 + 3, p.n - 1))};
+  auto rows = TileReaders<kKind, kOffset>(p, n0);
   __m512 acc[kM][kRows];
-  _Pragma("GCC unroll 8")
-  for (int i = 0; i < kM; ++i)
-    _Pragma("GCC unroll 8")
-    for (int j = 0; j < kRows; ++j) acc[i][j] = _mm512_setzero_ps();
+  ZeroTile<kM>(acc);
   const int64_t group = kGroup ? kGroup : p.group;
   const int64_t blocks = p.k / kBf16Block;
   const int64_t ahead = 2 * kRows * p.row_bytes;

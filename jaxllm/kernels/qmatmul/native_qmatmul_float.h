@@ -1,6 +1,8 @@
 // The float path: weights decoded into registers and dequantized in exact float math.
 #pragma once
 
+#include <array>
+
 #include "native_qmatmul_common.h"
 #include "native_qmatmul_threads.h"
 
@@ -101,19 +103,30 @@ struct RowReader {
   }
 };
 
+// The readers of weight rows n0 .. n0 + 4, clamped to the last row (its extra columns are not stored).
+template <Kind kKind, bool kOffset>
+inline std::array<RowReader<kKind, kOffset>, kRows> TileReaders(const Problem& p, int64_t n0) {
+  using Reader = RowReader<kKind, kOffset>;
+  return {Reader(p, std::min(n0, p.n - 1)), Reader(p, std::min(n0 + 1, p.n - 1)),
+          Reader(p, std::min(n0 + 2, p.n - 1)), Reader(p, std::min(n0 + 3, p.n - 1))};
+}
+
+template <int kM>
+inline void ZeroTile(__m512 (&acc)[kM][kRows]) {
+  _Pragma("GCC unroll 8")
+  for (int i = 0; i < kM; ++i)
+    _Pragma("GCC unroll 8")
+    for (int j = 0; j < kRows; ++j) acc[i][j] = _mm512_setzero_ps();
+}
+
 // Weight rows n0 .. n0 + 4 (clamped to the last row; extra columns are not stored) against kM rows of x.
 // Every 32 weights are decoded into registers once and used by every row of x. kGroup: the group size
 // when known at compile time (the per-group loop then unrolls away), else 0.
 template <Kind kKind, bool kOffset, int kM, int kGroup>
 void FusedTile(const Problem& p, int64_t n0) {
-  using Reader = RowReader<kKind, kOffset>;
-  Reader rows[kRows] = {Reader(p, std::min(n0, p.n - 1)), Reader(p, std::min(n0 + 1, p.n - 1)),
-                        Reader(p, std::min(n0 + 2, p.n - 1)), Reader(p, std::min(n0 + 3, p.n - 1))};
+  auto rows = TileReaders<kKind, kOffset>(p, n0);
   __m512 acc[kM][kRows];
-  _Pragma("GCC unroll 8")
-  for (int i = 0; i < kM; ++i)
-    _Pragma("GCC unroll 8")
-    for (int j = 0; j < kRows; ++j) acc[i][j] = _mm512_setzero_ps();
+  ZeroTile<kM>(acc);
   const int64_t group = kGroup ? kGroup : p.group;
   const int64_t full = group - group % kBlock;  // the tail is nonzero only when group == K
   const int64_t pairs = full - full % (2 * kBlock);
