@@ -100,6 +100,11 @@ class Placement:
 _ACTIVE: contextvars.ContextVar[Placement | None] = contextvars.ContextVar("jaxllm_placement", default=None)
 
 
+def placed(placement: Placement | None):
+    """The context to trace and run compiled steps in: the placement's (`Placement.active`), or none."""
+    return placement.active() if placement is not None else contextlib.nullcontext()
+
+
 def active() -> Placement | None:
     """The placement being traced under (see `Placement.active`), or None: one device."""
     return _ACTIVE.get()

@@ -282,6 +282,10 @@ elif which == "smollm2":
     check_shardings(llm)
     frac = per_device_fraction(llm)
     assert 1 / 3 <= frac < 1 / 3 + 0.02, frac
+    from jaxllm.eval.perplexity import perplexity, read_text_ids
+    ids = read_text_ids(one.tokenizer, sys.argv[2])[:1024]
+    ppl_one, ppl_tp = perplexity(one.loaded, ids).perplexity, perplexity(llm.loaded, ids).perplexity
+    assert abs(ppl_tp / ppl_one - 1) < 1e-4, (ppl_one, ppl_tp)
     print("SMOLLM2-OK")
 """
 
@@ -306,5 +310,5 @@ def test_tensor_parallel_tiny_models_generate_as_one_device(tiny_models):
 
 @pytest.mark.slow
 def test_tensor_parallel_smollm2_generates_as_one_device(smollm2_path):
-    proc = _run_on_8_devices("smollm2")
+    proc = _run_on_8_devices("smollm2", str(Path(__file__).resolve().parent / "data" / "perplexity.txt"))
     assert "SMOLLM2-OK" in proc.stdout, proc.stderr[-3000:]

@@ -8,7 +8,6 @@ reads later, after the next step is already dispatched.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections import Counter
 
@@ -19,7 +18,7 @@ import numpy as np
 from jaxllm.engine.kv_cache import KVCache, bytes_per_token
 from jaxllm.engine.sampling import RowParams, SamplerFlags, sample
 from jaxllm.models.registry import forward
-from jaxllm.sharding import Placement
+from jaxllm.sharding import Placement, placed
 
 
 @jax.tree_util.register_dataclass
@@ -181,8 +180,7 @@ class ModelRunner:
         return first, info
 
     def _placed(self):
-        """The context the steps trace and run in: the placement's mesh, or nothing on one device."""
-        return self.placement.active() if self.placement else contextlib.nullcontext()
+        return placed(self.placement)
 
     def decode(self, batch: DecodeBatch):
         """Dispatch `batch.n_steps` decode steps over the first `batch.rows` slots; returns device arrays

@@ -19,6 +19,7 @@ import numpy as np
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.errors import InvalidRequestError
 from jaxllm.models.registry import forward
+from jaxllm.sharding import placed
 
 if TYPE_CHECKING:
     from jaxllm.loading.load import LoadedModel
@@ -108,11 +109,12 @@ def perplexity(
     model, cfg = loaded.model, loaded.config
     score = jax.jit(lambda params, tokens, n_valid, first: _window_nll(model, cfg, params, tokens, n_valid, first))
     parts = []
-    for start, first in _windows(len(ids), window, stride):
-        chunk = ids[start : start + window]
-        padded = np.zeros(window, np.int32)
-        padded[: len(chunk)] = chunk
-        parts.append(score(loaded.params, padded, np.int32(len(chunk)), np.int32(first)))
+    with placed(loaded.placement):  # sharded weights: the kernels run per shard
+        for start, first in _windows(len(ids), window, stride):
+            chunk = ids[start : start + window]
+            padded = np.zeros(window, np.int32)
+            padded[: len(chunk)] = chunk
+            parts.append(score(loaded.params, padded, np.int32(len(chunk)), np.int32(first)))
     # every window is dispatched before any result is read back
     nll = sum(float(s) for s, _ in parts)
     count = sum(int(c) for _, c in parts)
