@@ -265,6 +265,7 @@ if which == "tiny":
         assert tuple(llm.runner.cache.k.sharding.spec)[3] == "model"  # the KV pool: split over KV heads
         frac = per_device_fraction(llm)
         assert 1 / tp <= frac < 1 / tp + 0.05, (tp, frac)
+    same_run(one, LLM(folder, tensor_parallel=2, scan_layers=False, progress=False), prompts)  # per-layer params
     q_one = LLM(folder, tensor_parallel=1, quant="int8", progress=False)
     q_tp = LLM(folder, tensor_parallel=2, quant="int8", progress=False)
     assert q_tp.loaded.params["params"]["layers"]["mlp"]["down"].q.sharding.spec[-1] == "model"  # K split

@@ -58,17 +58,18 @@ def paged_attention(
 
     placement = sharding.active()
     if placement is not None and placement.tensor_parallel > 1:
-        run = lambda q, kn, vn, kp, vp, bt, cl, lay: _paged_attention(
-            q, kn, vn, kp, vp, bt, cl, sliding_window, impl, interpret=interpret, layer=lay
-        )
+        stacked = layer is not None
+
+        def local(q, kn, vn, kp, vp, bt, cl, lay):  # this device's heads
+            lay = lay if stacked else None
+            return _paged_attention(q, kn, vn, kp, vp, bt, cl, sliding_window, impl, interpret=interpret, layer=lay)
+
         heads = P(None, None, placement.rules.q_heads, None)
         kv = P(None, None, placement.rules.kv_heads, None)
         pages = None if k_pages is None else P(*(None,) * (k_pages.ndim - 2), placement.rules.kv_heads, None)
-        layer_arg = jnp.asarray(0 if layer is None else layer, jnp.int32)
-        if layer is None:
-            run = lambda q, kn, vn, kp, vp, bt, cl, lay, run=run: run(q, kn, vn, kp, vp, bt, cl, None)
+        layer_arg = jnp.asarray(layer if stacked else 0, jnp.int32)
         sharded = jax.shard_map(
-            run,
+            local,
             mesh=placement.mesh,
             in_specs=(heads, kv, kv, pages, pages, P(), P(), P()),
             out_specs=heads,
