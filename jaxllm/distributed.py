@@ -62,6 +62,38 @@ def initialize(cluster: Cluster) -> None:
         raise PlacementError(
             f"process {cluster.process_id} could not join the group at {cluster.coordinator_address}: {first}"
         ) from e
+    _first_collective()
+
+
+def _first_collective() -> None:
+    """One sum over every device of the group, now: it checks that the processes can compute together, and
+    gloo's "[Gloo] ... connected" notice, which it writes to stdout when its first collective starts, goes
+    to stderr instead of into a command's output."""
+    import os
+    import sys
+
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    mesh = Mesh(np.array(devices), ("all",))
+    ones = jax.make_array_from_callback(
+        (len(devices),), NamedSharding(mesh, PartitionSpec("all")), lambda index: np.ones(1, np.int32)
+    )
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))(ones)
+        total = int(total)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    if total != len(devices):
+        raise DistributedError(
+            f"the group's first sum over {len(devices)} devices gave {total}: the processes disagree"
+        )
 
 
 class Channel:
