@@ -151,11 +151,9 @@ class Engine:
             plan = self.scheduler.schedule()
             current = self._dispatch(plan) if not plan.empty else None
             updates = self._process(self._inflight) if self._inflight is not None else []
-        except JaxLLMError:
-            raise
         except Exception as e:
-            if self.runner.channel is not None:  # one process of a group is gone: its collectives fail
-                raise peer_failure(e) from e
+            if self.runner.channel is not None and not isinstance(e, JaxLLMError):
+                raise peer_failure(e) from e  # one process of a group is gone: its collectives fail
             raise
         self._inflight = current
         return updates

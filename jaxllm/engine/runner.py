@@ -173,21 +173,18 @@ class ModelRunner:
         last chunk's token is meaningful)."""
         if self.channel is not None:
             self.channel.send("prefill", batch)
-        with self._placed():
+        with placed(self.placement):
             self.cache, self.state, first, info = self._prefill(
                 self.params, self.cache, self.state, batch, self.stop_mask
             )
         return first, info
-
-    def _placed(self):
-        return placed(self.placement)
 
     def decode(self, batch: DecodeBatch):
         """Dispatch `batch.n_steps` decode steps over the first `batch.rows` slots; returns device arrays
         (tokens [steps, rows], logprob info) without waiting for them."""
         if self.channel is not None:
             self.channel.send("decode", batch)
-        with self._placed():
+        with placed(self.placement):
             self.cache, self.state, toks, info = self._decode(
                 self.params, self.cache, self.state, batch, self.stop_mask
             )
