@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm.config import ModelConfig
 from jaxllm.errors import PlacementError
 
-LOGICAL_AXES = ("batch", "seq", "layers", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "vocab")
+LOGICAL_AXES = ("batch", "seq", "layers", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "vocab", "pages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,7 @@ class ShardingRules:
     head_dim: str | None = None
     mlp: str | None = "model"
     vocab: str | None = "model"
+    pages: str | None = "data"  # the KV pool's pages: each data-parallel replica holds its own share
 
     def as_flax_rules(self) -> tuple[tuple[str, str | None], ...]:
         return tuple((name, getattr(self, name)) for name in LOGICAL_AXES)
@@ -130,9 +131,6 @@ def choose_placement(
     devices = list(devices)
     if data_parallel < 1 or (tensor_parallel is not None and tensor_parallel < 1):
         raise PlacementError("--tensor-parallel and --data-parallel must be at least 1")
-    if data_parallel > 1:
-        # Replicas need the batch and the KV pool split between them, which the scheduler does not do yet.
-        raise PlacementError("data parallelism is not available yet: use --data-parallel 1 (tensor parallelism works)")
     if tensor_parallel is None:
         room = max(1, len(devices) // data_parallel)
         tensor_parallel = max(t for t in range(1, room + 1) if _divides(cfg, t))
@@ -169,6 +167,28 @@ def shard_config(cfg: ModelConfig, placement: Placement | None) -> ModelConfig:
     if cfg.num_kv_heads % tp == 0:
         return cfg
     return dataclasses.replace(cfg, num_kv_heads=tp, source_kv_heads=cfg.source_kv_heads or cfg.num_kv_heads)
+
+
+def rows_axis(placement: Placement, rows: int, paged: bool = False) -> str | None:
+    """The mesh axis a batch of `rows` is split over: the data-parallel one, when the replicas share it evenly.
+
+    paged: the rows read or write the KV pool, whose pages the replicas hold apart, so they must split (rows
+    come grouped by replica, with page ids of their replica's pool): raises ValueError when they cannot."""
+    axis = placement.rules.batch
+    if rows % placement.axis_size(axis) == 0:
+        return axis
+    if paged and placement.axis_size(placement.rules.pages) > 1:
+        raise ValueError(
+            f"{rows} rows do not split over {placement.data_parallel} data-parallel replicas, whose KV pages are "
+            "apart: give each replica the same number of rows"
+        )
+    return None
+
+
+def pool_spec(placement: Placement, ndim: int) -> PartitionSpec:
+    """The spec of a KV pool [(layers,) num_pages, page_size, kv_heads, head_dim]: pages split over the
+    data-parallel replicas, heads over the tensor-parallel devices."""
+    return PartitionSpec(*(None,) * (ndim - 4), placement.rules.pages, None, placement.rules.kv_heads, None)
 
 
 def _spec_for(leaf, placement: Placement) -> PartitionSpec:

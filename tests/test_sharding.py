@@ -173,8 +173,10 @@ def test_a_size_that_does_not_split_the_heads_or_needs_more_devices_is_refused()
         choose_placement(SMOL_LIKE, tensor_parallel=2)
     with pytest.raises(PlacementError, match="needs 3 devices, but 1 are available"):
         choose_placement(SMOL_LIKE, tensor_parallel=3, devices=jax.devices()[:1])
-    with pytest.raises(PlacementError, match="data parallelism is not available yet"):
-        choose_placement(SMOL_LIKE, tensor_parallel=1, data_parallel=2)
+    with pytest.raises(PlacementError, match="tensor parallelism 3 x data parallelism 3 needs 9 devices, but 8"):
+        choose_placement(SMOL_LIKE, tensor_parallel=3, data_parallel=3, devices=jax.devices() * 8)
+    with pytest.raises(PlacementError, match="must be at least 1"):
+        choose_placement(SMOL_LIKE, data_parallel=0)
     assert choose_placement(SMOL_LIKE, tensor_parallel=None, devices=jax.devices()[:1]) is None  # one device
 
 
@@ -250,6 +252,56 @@ def per_device_fraction(llm):
     return max(per.values()) / llm.weight_bytes
 
 
+def check_data_parallel(one, llm, prompts):
+    # the same outputs, with rows on both replicas, each replica's pages and slots on its own devices
+    placement = llm.loaded.placement
+    assert placement.data_parallel == 2
+    replicas = set()
+    llm.engine.on_step = lambda inp: inp.decode is not None and replicas.update(
+        i * 2 // inp.decode.rows for i in np.flatnonzero(inp.decode.active))
+    same_run(one, llm, prompts + prompts[:1])
+    assert replicas == {0, 1}, replicas
+    assert tuple(llm.runner.cache.k.sharding.spec)[1:4] == ("data", None, "model")
+    assert tuple(llm.runner.state.counts.sharding.spec)[0] == "data"
+    cache = device_bytes(llm.runner.cache)  # each device: its replica's pages, its KV heads
+    total = llm.runner.cache.k.nbytes + llm.runner.cache.v.nbytes
+    assert len(cache) == placement.mesh.size and max(cache.values()) * placement.mesh.size == total
+    weights = device_bytes(llm.loaded.params)  # replicated over the replicas, split over the model axis
+    share, tp = max(weights.values()) / llm.weight_bytes, placement.tensor_parallel
+    assert len(weights) == placement.mesh.size and 1 / tp <= share < 1 / tp + 0.05
+
+
+def check_data_parallel_workload(folder):
+    # sampling, penalties, n, shared prefixes and preemption (a small pool) come out as on one device
+    from jaxllm.engine.kv_cache import bytes_per_token
+
+    shared = "the quick brown fox jumps over the lazy dog " * 2
+    prompts = [shared + "and then", shared + "but later", "hello there the", "xyz", shared + "and then"]
+    plist = [
+        SamplingParams(temperature=0, max_tokens=20, min_tokens=20, logprobs=2),
+        SamplingParams(temperature=0.9, seed=5, max_tokens=20, n=2, top_p=0.9),
+        SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, frequency_penalty=0.5, logit_bias={5: 3}),
+        SamplingParams(temperature=0.7, seed=11, max_tokens=20, top_k=5),
+        SamplingParams(temperature=0, max_tokens=20, min_tokens=20, logprobs=2),
+    ]
+
+    def run(tp, dp):
+        cfg = LLM(folder, tensor_parallel=1, progress=False).config
+        gib = dp * 12 * 16 * bytes_per_token(cfg, "float32") / 2**30  # 12 pages of 16 tokens per replica
+        llm = LLM(folder, tensor_parallel=tp, data_parallel=dp, kv_cache_memory=gib, max_model_len=128,
+                  max_num_seqs=4 * dp, progress=False)
+        outs = llm.generate(prompts, plist, use_tqdm=False)
+        ids = [[c.token_ids for c in o.outputs] for o in outs]
+        return ids, [t.logprob for o in outs for c in o.outputs for t in (c.logprobs or [])], llm
+
+    ids_one, lp_one, _ = run(1, 1)
+    ids, lp, llm = run(2, 2)
+    assert ids == ids_one, (ids, ids_one)
+    assert max(abs(a - b) for a, b in zip(lp, lp_one)) <= 1e-4
+    sched = llm.engine.scheduler
+    assert sched.preemptions > 0 and sum(p.hits for p in sched.pools) > 0, (sched.preemptions, sched.pools)
+
+
 which = sys.argv[1]
 if which == "tiny":
     folder = sys.argv[2]
@@ -266,6 +318,9 @@ if which == "tiny":
         frac = per_device_fraction(llm)
         assert 1 / tp <= frac < 1 / tp + 0.05, (tp, frac)
     same_run(one, LLM(folder, tensor_parallel=2, scan_layers=False, progress=False), prompts)  # per-layer params
+    check_data_parallel(one, LLM(folder, tensor_parallel=2, data_parallel=2, progress=False), prompts)
+    check_data_parallel(one, LLM(folder, tensor_parallel=4, data_parallel=2, progress=False), prompts)  # KV copies
+    check_data_parallel_workload(folder)
     q_one = LLM(folder, tensor_parallel=1, quant="int8", progress=False)
     q_tp = LLM(folder, tensor_parallel=2, quant="int8", progress=False)
     assert q_tp.loaded.params["params"]["layers"]["mlp"]["down"].q.sharding.spec[-1] == "model"  # K split
@@ -283,6 +338,10 @@ elif which == "smollm2":
     check_shardings(llm)
     frac = per_device_fraction(llm)
     assert 1 / 3 <= frac < 1 / 3 + 0.02, frac
+    both = LLM("smollm2", data_parallel=2, progress=False)  # 2 replicas x 3 devices
+    assert both.loaded.placement.tensor_parallel == 3
+    check_data_parallel(one, both, prompts)
+    del both
     from jaxllm.eval.perplexity import perplexity, read_text_ids
     ids = read_text_ids(one.tokenizer, sys.argv[2])[:1024]
     ppl_one, ppl_tp = perplexity(one.loaded, ids).perplexity, perplexity(llm.loaded, ids).perplexity

@@ -203,20 +203,21 @@ class AsyncEngine:
             self.engine.abort(rid)
             req.loop.call_soon_threadsafe(req.queue.put_nowait, error)
         # Pages registered for chunks whose dispatch failed may never have been written.
-        self.engine.scheduler.pool.forget_cached()
+        for pool in self.engine.scheduler.pools:
+            pool.forget_cached()
 
     def _update_stats(self) -> None:
         sched = self.engine.scheduler
-        pool = sched.pool
+        total = lambda attr: sum(getattr(pool, attr) for pool in sched.pools)  # over the data-parallel replicas
         self.stats = EngineStats(
             waiting=len(sched.waiting),
             running=len(sched.running),
             slots=sched.max_seqs,
-            kv_pages_used=pool.num_used,
-            kv_pages_free=pool.num_free,
-            kv_pages_cached=pool.num_cached,
-            kv_page_size=pool.page_size,
+            kv_pages_used=total("num_used"),
+            kv_pages_free=total("num_free"),
+            kv_pages_cached=total("num_cached"),
+            kv_page_size=sched.page_size,
             preemptions=sched.preemptions,
-            prefix_cache_queries=pool.queries,
-            prefix_cache_hits=pool.hits,
+            prefix_cache_queries=total("queries"),
+            prefix_cache_hits=total("hits"),
         )

@@ -63,11 +63,13 @@ class Engine:
         if page_size < 1:
             raise InvalidRequestError(f"page_size must be at least 1, got {page_size}")
         self.page_size, self.prefix_caching = page_size, prefix_caching
+        self.replicas = runner.data_parallel
         self.max_pages = self._page_budget(kv_cache_memory)
-        if self.max_pages * page_size < max_model_len:
+        if self.max_pages // self.replicas * page_size < max_model_len:
+            per = " per data-parallel replica" if self.replicas > 1 else ""
             raise InvalidRequestError(
-                f"the KV cache budget holds {self.max_pages * page_size} tokens, fewer than one sequence of "
-                f"max_model_len={max_model_len}: raise kv_cache_memory or lower max_model_len"
+                f"the KV cache budget holds {self.max_pages // self.replicas * page_size} tokens{per}, fewer than "
+                f"one sequence of max_model_len={max_model_len}: raise kv_cache_memory or lower max_model_len"
             )
         self.scheduler = Scheduler(0, token_budget, max_waiting, runner.decode_steps)
         self.prefilled_tokens = 0  # prompt tokens computed so far (for tests and metrics)
@@ -118,7 +120,8 @@ class Engine:
 
     # ---- capacity -------------------------------------------------------------------------------
     def _page_budget(self, gib: float | None) -> int:
-        """How many pages the KV cache may take."""
+        """How many pages the KV cache may take (over all devices: a page is split over the tensor-parallel
+        devices, and the replicas hold a share of the pages each)."""
         page_bytes = self.runner.kv_bytes_per_token() * self.page_size
         if gib is None:
             free = self.runner.free_device_memory()
@@ -134,13 +137,16 @@ class Engine:
 
         It only grows: reallocating drops the prefix cache."""
         assert not self.scheduler.running and self._inflight is None, "reserve() while sequences are running"
+        n = self.replicas  # each replica gets the same number of slots and pages
         slots = max(min(buckets.next_pow2(slots), self.max_num_seqs), self.runner.slots)
+        slots = -(-slots // n) * n
         per_seq = -(-min(buckets.next_pow2(max_len, 64), self.max_model_len) // self.page_size)
-        pages = max(min(slots * per_seq, self.max_pages), self.runner.num_pages)
+        pages = max(min(slots * per_seq, self.max_pages) // n * n, self.runner.num_pages)
         if self.runner.cache is not None and (slots, pages) == (self.runner.slots, self.runner.num_pages):
             return
         self.runner.allocate(slots, pages, self.page_size)
-        self.scheduler.resize(slots, PagePool(pages, self.page_size, self.prefix_caching))
+        pools = [PagePool(pages // n, self.page_size, self.prefix_caching) for _ in range(n)]
+        self.scheduler.resize(slots, pools)
 
     # ---- stepping -------------------------------------------------------------------------------
     def step(self) -> list[Update]:
@@ -169,18 +175,21 @@ class Engine:
 
     def step_inputs(self, plan: Plan) -> tuple[StepInputs, tuple[list[dict[int, Sequence]], dict[int, Sequence]]]:
         """The plan as the runner's plain inputs, and which sequence each sampled row belongs to."""
-        groups: dict[tuple[int, int], list[PrefillChunk]] = defaultdict(list)
+        per_replica = lambda: [[] for _ in range(self.replicas)]
+        groups: dict[tuple[int, int], list[list[PrefillChunk]]] = defaultdict(per_replica)
         for c in plan.prefills:
             length = buckets.seq_bucket(c.end - c.start, self.max_model_len)
             ctx = buckets.attn_bucket(c.start, self.max_model_len) if c.start else 0
-            groups[(length, ctx)].append(c)
+            groups[(length, ctx)][c.seq.replica].append(c)
         prefills, prefill_owners = [], []
-        for (length, ctx), chunks in groups.items():
+        for (length, ctx), per_replica in groups.items():
             limit = self.runner.prefill_rows(length)
-            for i in range(0, len(chunks), limit):
-                part = chunks[i : i + limit]
-                prefills.append(self._prefill(part, length, ctx))
-                prefill_owners.append({j: c.seq for j, c in enumerate(part) if c.last})
+            for i in range(0, max(map(len, per_replica)), limit):
+                parts = [chunks[i : i + limit] for chunks in per_replica]
+                rows = buckets.batch_bucket(max(map(len, parts)), limit)  # per replica
+                placed = [(r * rows + j, c) for r, part in enumerate(parts) for j, c in enumerate(part)]
+                prefills.append(self._prefill(placed, rows * self.replicas, length, ctx))
+                prefill_owners.append({row: c.seq for row, c in placed if c.last})
         decode, decode_owners = (self._decode(plan.decodes, plan.decode_steps)) if plan.decodes else (None, {})
         return StepInputs(prefills, decode), (prefill_owners, decode_owners)
 
@@ -188,38 +197,42 @@ class Engine:
         """[rows, n_pages] page ids covering `tokens` positions of each sequence (None: a padding row);
         missing pages read as the out-of-range id num_pages (writes there are dropped)."""
         width = -(-min(tokens, self.max_model_len) // self.page_size)
-        table = np.full((rows, width), self.runner.num_pages, np.int32)
+        table = np.full((rows, width), self.runner.pages_per_replica, np.int32)
         for i, s in enumerate(seqs):
             if s is not None:
                 pages = s.pages[:width]
                 table[i, : len(pages)] = pages
         return table
 
-    def _prefill(self, chunks: list[PrefillChunk], length: int, ctx: int) -> PrefillBatch:
-        rows = buckets.batch_bucket(len(chunks), self.runner.prefill_rows(length))
+    def _prefill(self, placed: list[tuple[int, PrefillChunk]], rows: int, length: int, ctx: int) -> PrefillBatch:
+        """A prefill call of `rows` rows, chunks at the given rows (the others are padding)."""
         tokens = np.zeros((rows, length), np.int32)
         starts = np.zeros((rows,), np.int32)
         lengths = np.ones((rows,), np.int32)
-        slots = np.full((rows,), self.runner.slots, np.int32)  # padding rows write nowhere
+        per = self.runner.slots_per_replica
+        slots = np.full((rows,), per, np.int32)  # slots of the row's replica; padding rows write nowhere
         prompt_lens = np.zeros((rows,), np.int32)
         out_steps = np.zeros((rows,), np.int32)
         fresh = np.ones((rows,), bool)
         last = np.zeros((rows,), bool)
         prior = np.full((rows, ctx), self.cfg.vocab_size, np.int32)
         bias = np.zeros((rows, self.cfg.vocab_size), np.float32)
-        for i, c in enumerate(chunks):
+        by_row: list[PrefillChunk | None] = [None] * rows
+        for i, c in placed:
+            by_row[i] = c
             s, ids = c.seq, c.seq.token_ids()
             tokens[i, : c.end - c.start] = ids[c.start : c.end]
-            starts[i], lengths[i], slots[i] = c.start, c.end - c.start, s.slot
+            starts[i], lengths[i], slots[i] = c.start, c.end - c.start, s.slot % per
             prompt_lens[i], out_steps[i] = len(s.prompt_ids), s.prefill_len - len(s.prompt_ids)
             fresh[i], last[i] = c.first, c.last
             if c.first:
                 prior[i, : c.start] = ids[: c.start]
             for tok, b in s.params.logit_bias.items():
                 bias[i, tok] = b
-        plist = [c.seq.params for c in chunks]
-        seeds = [c.seq.seed for c in chunks]
-        table = self._block_tables([c.seq for c in chunks], rows, max(ctx, max(c.start for c in chunks)) + length)
+        plist = [c.seq.params if c else None for c in by_row]
+        seeds = [c.seq.seed if c else 0 for c in by_row]
+        longest = max(ctx, max(c.start for _, c in placed)) + length
+        table = self._block_tables([c.seq if c else None for c in by_row], rows, longest)
         batch = PrefillBatch(
             tokens,
             starts,
@@ -239,9 +252,13 @@ class Engine:
         return batch
 
     def _decode(self, seqs: list[Sequence], steps: int) -> tuple[DecodeBatch, dict[int, Sequence]]:
-        by_slot = {s.slot: s for s in seqs}
-        rows = buckets.batch_bucket(max(by_slot) + 1, self.runner.slots)
-        plist = [by_slot.get(i) for i in range(rows)]
+        """The decode dispatch: the first R slots of each replica (R covering its highest busy slot), replica by
+        replica, so row r * R + i is slot r * slots_per_replica + i."""
+        per = self.runner.slots_per_replica
+        r_rows = buckets.batch_bucket(max(s.slot % per for s in seqs) + 1, per)
+        rows = r_rows * self.replicas
+        by_row = {s.slot // per * r_rows + s.slot % per: s for s in seqs}
+        plist = [by_row.get(i) for i in range(rows)]
         params = [s.params if s else None for s in plist]
         seeds = [s.seed if s else 0 for s in plist]
         active = np.array([s is not None for s in plist])
@@ -249,7 +266,7 @@ class Engine:
         attn = buckets.attn_bucket(longest, self.max_model_len)
         table = self._block_tables(plist, rows, attn)
         batch = DecodeBatch(row_params(params, seeds, rows), active, table, rows, attn, steps, flags_for(params))
-        return batch, by_slot
+        return batch, by_row
 
     def _process(self, done: _Dispatched) -> list[Update]:
         updates = []

@@ -13,7 +13,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from jaxllm import sharding
 from jaxllm.config import ModelConfig
 from jaxllm.sharding import Placement
 
@@ -38,9 +40,10 @@ class KVCache:
         per_layer: bool = False,
         placement: Placement | None = None,
     ) -> KVCache:
-        """A zeroed pool; under a placement, sharded over KV heads (each device holds its heads' pages)."""
+        """A zeroed pool; under a placement, sharded over KV heads (each device holds its heads' pages) and over
+        the data-parallel replicas (each holds num_pages / replicas pages)."""
         shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-        logical = (None, None, "kv_heads", "head_dim")
+        logical = ("pages", None, "kv_heads", "head_dim")
         if not per_layer:
             shape, logical = (cfg.num_layers, *shape), ("layers", *logical)
         device = placement.sharding(logical) if placement else None
@@ -61,8 +64,27 @@ class KVCache:
         """Scatter k_new, v_new [layers, batch, seq, kv_heads, head_dim] at positions [batch, seq] of each row.
 
         block_tables: [batch, n_pages] int32. Positions past the table, or on a "no page" entry
-        (padding rows, bucket padding), are dropped.
+        (padding rows, bucket padding), are dropped. Under a placement each device writes its own heads and,
+        with data-parallel replicas, its replica's rows into its replica's pages (the block tables hold page
+        ids of the row's replica, as `kernels.paged_attention` reads them).
         """
+        placement = sharding.active()
+        if placement is None or placement.mesh.size == 1:
+            return self._write(block_tables, positions, k_new, v_new)
+        rows = sharding.rows_axis(placement, positions.shape[0], paged=True)
+        pool = sharding.pool_spec(placement, 4 if isinstance(self.k, tuple) else 5)  # covers each layer of a tuple
+        cache_spec = KVCache(pool, pool)
+        new = P(None, rows, None, placement.rules.kv_heads, None)
+        run = jax.shard_map(
+            lambda c, *a: c._write(*a),
+            mesh=placement.mesh,
+            in_specs=(cache_spec, P(rows), P(rows), new, new),
+            out_specs=cache_spec,
+            check_vma=False,
+        )
+        return run(self, block_tables, positions, k_new, v_new)
+
+    def _write(self, block_tables, positions, k_new, v_new) -> KVCache:
         page_of = positions // self.page_size
         n = block_tables.shape[1]
         page = jnp.take_along_axis(block_tables, jnp.minimum(page_of, n - 1), axis=1)

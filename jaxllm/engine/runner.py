@@ -50,11 +50,13 @@ class DecodeState:
 @dataclasses.dataclass
 class PrefillBatch:
     """Host-side inputs of one prefill: tokens [rows, T] padded; starts (tokens already cached), lengths
-    (tokens in this chunk), slots (decode-state rows), prompt_lens (prompt part of each row's tokens: the
-    rest are earlier outputs being recomputed) and out_steps (outputs generated before) [rows];
+    (tokens in this chunk), slots (decode-state rows, of the row's replica), prompt_lens (prompt part of
+    each row's tokens: the rest are earlier outputs being recomputed) and out_steps (outputs generated
+    before) [rows];
     fresh [rows]: the row's first chunk since admission (its penalty state starts afresh, from `prior`,
     the tokens [0, start) found in the prefix cache, [rows, ctx_len], `vocab` past them); last [rows]:
-    the row's last chunk (its sampled token counts); block_tables [rows, n_pages]; row params; bias
+    the row's last chunk (its sampled token counts); block_tables [rows, n_pages] (page ids of the row's
+    replica: with data-parallel replicas the rows come grouped by replica, rows / replicas each); row params; bias
     [rows, V]; ctx_len: static cached prefix bucket the chunk attends to (0 when nothing is cached); flags:
     the sampler variant (static). A pytree of plain arrays: the jitted prefill takes it whole, compiled once
     per static fields and array shapes."""
@@ -78,7 +80,8 @@ class PrefillBatch:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeBatch:
-    """Host-side inputs of one decode dispatch over the first `rows` slots: params (RowParams [rows]);
+    """Host-side inputs of one decode dispatch over the first `rows` slots (with data-parallel replicas, the
+    first rows / replicas slots of each replica, replica by replica): params (RowParams [rows]);
     active [rows] (the rows whose state advances: the others are padding); block_tables [rows, n_pages]
     covering every position written; rows, attn_len (the static context bucket attended), n_steps (decode
     steps in the dispatch) and flags (the sampler variant), all static. Plain arrays, like PrefillBatch."""
@@ -133,15 +136,32 @@ class ModelRunner:
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
 
     @property
+    def data_parallel(self) -> int:
+        """Replicas: each holds slots / replicas decode-state slots and num_pages / replicas KV pages."""
+        return self.placement.data_parallel if self.placement is not None else 1
+
+    @property
     def num_pages(self) -> int:
         return 0 if self.cache is None else self.cache.num_pages
+
+    @property
+    def pages_per_replica(self) -> int:
+        """A replica's pool: block tables hold ids in [0, pages_per_replica), and that id means "no page"."""
+        return self.num_pages // self.data_parallel
+
+    @property
+    def slots_per_replica(self) -> int:
+        return self.slots // self.data_parallel
 
     @property
     def page_size(self) -> int:
         return 0 if self.cache is None else self.cache.page_size
 
     def allocate(self, slots: int, num_pages: int, page_size: int):
-        """(Re)allocate the page pool and the decode state of `slots` sequences (only valid while idle)."""
+        """(Re)allocate the page pool and the decode state of `slots` sequences (only valid while idle); with
+        data-parallel replicas both are split between them (slots and num_pages multiples of the replicas)."""
+        if slots % self.data_parallel or num_pages % self.data_parallel:
+            raise ValueError(f"{slots} slots and {num_pages} pages do not split over {self.data_parallel} replicas")
         if self.cache is not None and (self.slots, self.num_pages, self.page_size) == (slots, num_pages, page_size):
             return
         if self.channel is not None:
@@ -150,23 +170,25 @@ class ModelRunner:
         per_layer = not self.model.scan_layers
         self.cache = KVCache.zeros(self.cfg, num_pages, page_size, self.dtype, per_layer, self.placement)
         self.state = DecodeState.zeros(slots, self.cfg.vocab_size)
-        if self.placement is not None:  # one copy per device, so that every process of a group can address it
-            self.state = jax.device_put(self.state, self.placement.replicated())
+        if self.placement is not None:  # each replica its slots, whole on each of its devices
+            self.state = jax.device_put(self.state, self.placement.sharding(("batch",)))
         self.slots = slots
 
     def kv_bytes_per_token(self) -> int:
         return bytes_per_token(self.cfg, self.dtype)
 
     def free_device_memory(self) -> int | None:
-        """Bytes the device can still allocate, where it reports it (GPU/TPU); None on the CPU."""
+        """Bytes the devices can still allocate, where they report it (GPU/TPU): under a placement, the first
+        device's free bytes times the devices of the mesh (the cache spreads evenly over them); None on the CPU."""
         stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
         if not stats or "bytes_limit" not in stats:
             return None
-        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        devices = self.placement.mesh.size if self.placement is not None else 1
+        return (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * devices
 
     def prefill_rows(self, length_bucket: int) -> int:
-        """How many prompts of this length bucket one prefill call may take."""
-        return max(1, min(self.slots, self.max_prefill_tokens // length_bucket))
+        """How many prompts of this length bucket one prefill call may take per replica."""
+        return max(1, min(self.slots_per_replica, self.max_prefill_tokens // length_bucket))
 
     def prefill(self, batch: PrefillBatch):
         """Prefill chunks into their pages and sample a token after each (device arrays; only a sequence's
@@ -214,13 +236,13 @@ class ModelRunner:
         row_ix = jnp.arange(rows)[:, None]
         # The prompt mask and output counts of a chunked sequence accumulate over its chunks; its first
         # chunk starts them afresh from the tokens it found in the prefix cache.
-        prev = jnp.minimum(batch.slots, self.slots - 1)
+        prev = jnp.minimum(batch.slots, self.slots_per_replica - 1)
         carried = ~batch.fresh[:, None]
         prior_in_prompt = jnp.arange(batch.prior.shape[1])[None] < batch.prompt_lens[:, None]
-        prompt_mask = jnp.where(carried, state.prompt_mask[prev], False)
+        prompt_mask = jnp.where(carried, self._read_slots(state.prompt_mask, prev), False)
         prompt_mask = prompt_mask.at[row_ix, jnp.where(prior_in_prompt, batch.prior, vocab)].set(True, mode="drop")
         prompt_mask = prompt_mask.at[row_ix, jnp.where(in_prompt, batch.tokens, vocab)].set(True, mode="drop")
-        counts = jnp.where(carried, state.counts[prev], 0)
+        counts = jnp.where(carried, self._read_slots(state.counts, prev), 0)
         counts = counts.at[row_ix, jnp.where(prior_in_prompt, vocab, batch.prior)].add(1, mode="drop")
         counts = counts.at[row_ix, jnp.where(in_output, batch.tokens, vocab)].add(1, mode="drop")
         first, info = sample(
@@ -234,7 +256,7 @@ class ModelRunner:
             stop_mask=stop_mask,
         )
         counts = counts.at[jnp.arange(rows), first].add(batch.last.astype(jnp.int32))  # earlier chunks sample nothing
-        put = lambda dst, src: dst.at[batch.slots].set(src, mode="drop")
+        put = lambda dst, src: self._write_slots(dst, batch.slots, src)
         state = DecodeState(
             put(state.tokens, first),
             put(state.positions, batch.starts + batch.lengths),
@@ -249,8 +271,7 @@ class ModelRunner:
         self.compiles["decode"] += 1
         rp, active, block_tables = batch.params, batch.active, batch.block_tables
         flags, rows, attn_len, n_steps = batch.flags, batch.rows, batch.attn_len, batch.n_steps
-        take = lambda x: x[:rows]
-        st = jax.tree.map(take, state)
+        st = jax.tree.map(lambda x: self._take_rows(x, rows), state)
 
         def step(carry, _):
             cache, st = carry
@@ -286,8 +307,34 @@ class ModelRunner:
             return (cache, st), (tok, info)
 
         (cache, st), (toks, info) = jax.lax.scan(step, (cache, st), None, length=n_steps)
-        state = jax.tree.map(lambda full, part: full.at[:rows].set(part), state, st)
+        state = jax.tree.map(self._put_rows, state, st)
         return cache, state, *self._everywhere((toks, info))
+
+    def _read_slots(self, state, slots):
+        """state [slots, ...] read at each row's slot of its replica: rows [rows] grouped by replica -> [rows, ...].
+        A gather per replica (vmapped over them), so that each replica reads its own slots where they are."""
+        dp = self.data_parallel
+        grouped = state.reshape(dp, -1, *state.shape[1:])
+        return jax.vmap(lambda g, i: g[i])(grouped, slots.reshape(dp, -1)).reshape(-1, *state.shape[1:])
+
+    def _write_slots(self, state, slots, rows):
+        """state [slots, ...] with rows [rows, ...] written at each row's slot of its replica (out of range:
+        dropped), replica by replica like `_read_slots`."""
+        dp, rest = self.data_parallel, state.shape[1:]
+        put = lambda g, i, r: g.at[i].set(r, mode="drop")
+        grouped = jax.vmap(put)(state.reshape(dp, -1, *rest), slots.reshape(dp, -1), rows.reshape(dp, -1, *rest))
+        return grouped.reshape(state.shape)
+
+    def _take_rows(self, x, rows: int):
+        """The decode rows of a state array [slots, ...]: the first rows / replicas slots of each replica."""
+        dp = self.data_parallel
+        return x.reshape(dp, self.slots_per_replica, *x.shape[1:])[:, : rows // dp].reshape(rows, *x.shape[1:])
+
+    def _put_rows(self, full, part):
+        """`full` [slots, ...] with the decode rows `part` [rows, ...] written back (see `_take_rows`)."""
+        dp, rest = self.data_parallel, full.shape[1:]
+        grouped = full.reshape(dp, self.slots_per_replica, *rest)
+        return grouped.at[:, : part.shape[0] // dp].set(part.reshape(dp, -1, *rest)).reshape(full.shape)
 
     def _everywhere(self, tree):
         """Under a placement, the sampled tokens and logprobs whole on every device (each process of a group

@@ -11,6 +11,11 @@ KV memory comes in pages from a `PagePool`. A new sequence starts from the longe
 prompt already cached and prefills only the rest. When the pool runs dry, the newest running
 sequence is preempted: its pages are freed (and stay findable by prefix hash) and it goes back to
 the front of the waiting queue, to be recomputed from its prompt and the outputs it already has.
+
+With data-parallel replicas there is one pool per replica and the slots are split evenly between them
+(replica r owns slots [r * max_seqs / replicas, (r + 1) * max_seqs / replicas)). A sequence lives on one
+replica: a new one goes where most of its prompt is cached (or being computed), else where most pages are
+free; preemption frees pages of the short replica only.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class Plan:
 
 class Scheduler:
     """FCFS admission into `max_seqs` slots and the pool's pages, chunked prefill under `token_budget`,
-    decode of the rest, preemption of the newest when pages run out."""
+    decode of the rest, preemption of the newest when pages run out. `pool`: one PagePool, or a list of one
+    per data-parallel replica (then the replicas share the slots evenly)."""
 
     def __init__(
         self,
@@ -63,25 +69,36 @@ class Scheduler:
         token_budget: int,
         max_waiting: int | None = None,
         decode_steps: int = 1,
-        pool: PagePool | None = None,
+        pool: PagePool | list[PagePool] | None = None,
     ):
-        self.max_seqs, self.token_budget = max_seqs, token_budget
-        self.max_waiting, self.decode_steps = max_waiting, decode_steps
-        self.pool = pool or PagePool(0, 16)
+        self.token_budget, self.max_waiting, self.decode_steps = token_budget, max_waiting, decode_steps
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}
         self.preemptions = 0
-        self._free = list(range(max_seqs))
-        heapq.heapify(self._free)
         self._order = itertools.count()
         self._to_register: list[Sequence] = []
+        self.resize(max_seqs, pool or PagePool(0, 16))
 
-    def resize(self, max_seqs: int, pool: PagePool) -> None:
-        """Change the number of slots and the page pool (only while nothing runs)."""
+    def resize(self, max_seqs: int, pool: PagePool | list[PagePool]) -> None:
+        """Change the number of slots and the page pool(s) (only while nothing runs)."""
         assert not self.running, "resize() while sequences are running"
-        self.max_seqs, self.pool = max_seqs, pool
-        self._free = list(range(max_seqs))
-        heapq.heapify(self._free)
+        self.pools = list(pool) if isinstance(pool, list) else [pool]
+        n = len(self.pools)
+        if max_seqs % n:
+            raise ValueError(f"{max_seqs} slots do not split evenly over {n} replicas")
+        self.max_seqs, per = max_seqs, max_seqs // n
+        self._free = [list(range(r * per, (r + 1) * per)) for r in range(n)]  # each replica's free slots, a heap
+
+    @property
+    def pool(self) -> PagePool:
+        """The page pool, when there is one replica."""
+        if len(self.pools) != 1:
+            raise ValueError(f"{len(self.pools)} replicas have a pool each: use .pools")
+        return self.pools[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.pools[0].page_size
 
     # ---- requests -------------------------------------------------------------------------------
     def add(self, seqs: list[Sequence]) -> None:
@@ -108,12 +125,12 @@ class Scheduler:
         """Give back a finished sequence's slot and pages."""
         if seq.slot is not None and self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
-            heapq.heappush(self._free, seq.slot)
+            heapq.heappush(self._free[seq.replica], seq.slot)
             self._free_pages(seq)
 
     @property
     def num_free_slots(self) -> int:
-        return len(self._free)
+        return sum(map(len, self._free))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -145,7 +162,7 @@ class Scheduler:
             if chunk is not None:
                 prefills.append(chunk)
                 budget -= chunk.end - chunk.start
-        while self.waiting and self._free and budget > 0:
+        while self.waiting and self.num_free_slots and budget > 0:
             chunk = self._admit(budget)
             if chunk is None:
                 break
@@ -169,27 +186,44 @@ class Scheduler:
         s = self.waiting[0]
         tokens = s.token_ids()
         s.prefill_len = len(tokens)
-        s.hashes = page_hashes(tokens, self.pool.page_size) if self.pool.prefix_caching else []
-        usable = (len(tokens) - 1) // self.pool.page_size  # the last token is always computed
-        cached = self.pool.cached_prefix(s.hashes, usable)
-        if cached < min(usable, len(s.hashes)) and s.hashes[cached] in self._pending_hashes():
+        s.hashes = page_hashes(tokens, self.page_size) if self.pools[0].prefix_caching else []
+        usable = (len(tokens) - 1) // self.page_size  # the last token is always computed
+        s.replica, cached, pending = self._place(s.hashes, usable)
+        if pending:
             return None  # a running sequence is computing the next pages of this prefix: wait for them
-        s.pages = self.pool.match_prefix(s.hashes, usable)
-        s.num_computed = len(s.pages) * self.pool.page_size
+        pool = self.pools[s.replica]
+        s.pages = pool.match_prefix(s.hashes, usable)
+        s.num_computed = len(s.pages) * self.page_size
         chunk = self._chunk(s, budget, preempt=False)
         if chunk is None:
-            self.pool.free(s.pages)
+            pool.free(s.pages)
             s.pages, s.num_computed = [], 0
             return None
         chunk.first = True
-        self.pool.record_lookup(min(usable, len(s.hashes)), chunk.start // self.pool.page_size)
+        pool.record_lookup(min(usable, len(s.hashes)), chunk.start // self.page_size)
         if not s.preemptions:
             s.cached_tokens = chunk.start
         self.waiting.popleft()
-        s.slot = heapq.heappop(self._free)
+        s.slot = heapq.heappop(self._free[s.replica])
         s.order = next(self._order)
         self.running[s.slot] = s
         return chunk
+
+    def _place(self, hashes: list[bytes], usable: int) -> tuple[int, int, bool]:
+        """(replica, cached pages there, whether its next page is being computed there) for a new sequence:
+        among replicas with a free slot, the one holding most of its prefix, then one computing the next page
+        of it, then the one with most free pages."""
+        best = None
+        for r, pool in enumerate(self.pools):
+            if not self._free[r]:
+                continue
+            cached = pool.cached_prefix(hashes, usable)
+            pending = cached < min(usable, len(hashes)) and hashes[cached] in self._pending_hashes(r)
+            key = (cached, pending, pool.num_free)
+            if best is None or key > best[0]:
+                best = (key, r)
+        (cached, pending, _), r = best
+        return r, cached, pending
 
     def _chunk(self, s: Sequence, budget: int, preempt: bool) -> PrefillChunk | None:
         """The next chunk of s: all of the rest if it fits the budget, else a power of two within it; None
@@ -208,20 +242,21 @@ class Scheduler:
     # ---- pages ----------------------------------------------------------------------------------
     def _extend(self, s: Sequence, tokens: int) -> bool:
         """Give s pages for its first `tokens` positions, if the pool has them."""
-        need = self.pool.pages_for(tokens) - len(s.pages)
+        pool = self.pools[s.replica]
+        need = pool.pages_for(tokens) - len(s.pages)
         if need <= 0:
             return True
-        got = self.pool.allocate(need)
+        got = pool.allocate(need)
         if got is None:
             return False
         s.pages += got
         return True
 
     def _grow(self, s: Sequence, tokens: int) -> bool:
-        """Like _extend, preempting the newest running sequences while pages are short; False when s itself
-        had to go."""
+        """Like _extend, preempting the newest running sequences of its replica while pages are short; False
+        when s itself had to go."""
         while not self._extend(s, tokens):
-            victim = max(self.running.values(), key=lambda r: r.order)
+            victim = max((r for r in self.running.values() if r.replica == s.replica), key=lambda r: r.order)
             self._preempt(victim)
             if victim is s:
                 return False
@@ -229,7 +264,7 @@ class Scheduler:
 
     def _preempt(self, s: Sequence) -> None:
         del self.running[s.slot]
-        heapq.heappush(self._free, s.slot)
+        heapq.heappush(self._free[s.replica], s.slot)
         self._free_pages(s)
         s.slot, s.num_computed = None, 0
         s.preemptions += 1
@@ -241,20 +276,22 @@ class Scheduler:
         # Decoding: every token but the last sampled one has its keys/values written (or being written).
         written = s.num_tokens - 1 if s.prefilled else s.num_computed
         self._register(s, written)
-        self.pool.free(s.pages)
+        self.pools[s.replica].free(s.pages)
         s.pages, s.registered = [], 0
         if s in self._to_register:
             self._to_register.remove(s)
 
     def _register(self, s: Sequence, written: int) -> None:
         """Make s's full pages among its first `written` positions findable by prefix hash."""
-        if self.pool.prefix_caching and s.pages:
-            n = written // self.pool.page_size
+        pool = self.pools[s.replica]
+        if pool.prefix_caching and s.pages:
+            n = written // self.page_size
             if len(s.hashes) < n:
-                s.hashes = page_hashes(s.token_ids()[:written], self.pool.page_size, s.hashes)
-            self.pool.register(s.pages[:n], s.hashes[:n])
+                s.hashes = page_hashes(s.token_ids()[:written], self.page_size, s.hashes)
+            pool.register(s.pages[:n], s.hashes[:n])
             s.registered = max(s.registered, n)
 
-    def _pending_hashes(self) -> set[bytes]:
-        """Prefix hashes of pages that running sequences will have written soon but are not findable yet."""
-        return {h for s in self.running.values() for h in s.hashes[s.registered :]}
+    def _pending_hashes(self, replica: int) -> set[bytes]:
+        """Prefix hashes of pages that running sequences of `replica` will have written soon but are not
+        findable yet."""
+        return {h for s in self.running.values() if s.replica == replica for h in s.hashes[s.registered :]}

@@ -49,11 +49,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.slot: int | None = None
+        self.replica = 0  # the data-parallel replica whose slot and KV pages it uses, set on admission
         self.order = 0  # admission order, set by the scheduler: the highest is the newest
         self.num_computed = 0  # tokens already dispatched into the KV cache by prefill
         self.prefill_len = len(prompt_ids)  # tokens to prefill: the prompt, plus earlier outputs after preemption
         self.inflight = 0  # tokens dispatched to the device whose results are not read yet
-        self.pages: list[int] = []  # KV cache pages holding positions [i * page_size, (i + 1) * page_size)
+        self.pages: list[int] = []  # its replica's KV pages holding positions [i * page_size, (i + 1) * page_size)
         self.hashes: list[bytes] = []  # prefix hashes of the full pages of its tokens (as far as computed)
         self.registered = 0  # leading pages made findable by prefix hash
         self.cached_tokens = 0  # prompt tokens found in the prefix cache on admission

@@ -46,16 +46,16 @@ def einsum(spec: str, x: jax.Array, w, layer=None, **kwargs) -> jax.Array:
 def _qmatmul(x: jax.Array, w: QuantizedWeight, layer) -> jax.Array:
     """x [M, K] times w [N, K] transposed -> [M, N] float32 by the backend's kernel; under a placement, the
     kernel runs per shard (XLA cannot split a custom call): N split, each device computes its columns;
-    K split, each device its partial sums, added over the devices."""
+    K split, each device its partial sums, added over the devices; M split over the data-parallel replicas
+    where they share it evenly, each replica its rows."""
     from jaxllm import sharding
     from jaxllm.kernels.qmatmul import qmatmul
 
     placement = sharding.active()
-    if placement is None:
+    if placement is None or placement.mesh.size == 1:
         return qmatmul(x, w, layer)
     n_ax, k_ax = sharding.quantized_axes(w, placement)
-    if n_ax is None and k_ax is None:
-        return qmatmul(x, w, layer)
+    rows = sharding.rows_axis(placement, x.shape[0])
     per_channel = w.scale.shape[-1] == 1
 
     def local(x, w, layer):
@@ -70,8 +70,8 @@ def _qmatmul(x: jax.Array, w: QuantizedWeight, layer) -> jax.Array:
     run = jax.shard_map(
         local,
         mesh=placement.mesh,
-        in_specs=(P(None, k_ax), specs, P()),
-        out_specs=P(None, n_ax),
+        in_specs=(P(rows, k_ax), specs, P()),
+        out_specs=P(rows, n_ax),
         check_vma=False,
     )
     return run(x, w_in, layer)

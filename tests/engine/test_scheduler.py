@@ -263,3 +263,59 @@ def test_a_pool_that_exactly_fits_never_preempts_near_the_end(prompt_len):
     sched.add([s])
     run_until_done(sched)
     assert len(s.output_ids) == 128 - prompt_len and sched.preemptions == 0
+
+
+def replicated_sched(max_seqs: int, pages: int, replicas: int = 2, page_size: int = 4):
+    pools = [PagePool(pages, page_size) for _ in range(replicas)]
+    return Scheduler(max_seqs, 100, pool=pools)
+
+
+def test_data_parallel_replicas_split_the_slots_and_each_sequence_keeps_to_its_replicas_pool():
+    sched = replicated_sched(max_seqs=4, pages=6)
+    a, b, c = seq("a", 9), seq("b", 5), seq("c", 5)
+    b.prompt_ids, c.prompt_ids = [66] * 5, [77] * 5  # no shared prefix
+    for s in (a, b, c):
+        sched.add([s])
+    sched.schedule()
+    # a goes to replica 0 (a tie: the first); b and c to replica 1, which has more pages free (4 > 3 for c).
+    assert [(s.replica, s.slot) for s in (a, b, c)] == [(0, 0), (1, 2), (1, 3)]
+    assert sorted(b.pages + c.pages) == [0, 1, 2, 3]  # page ids are local to the replica's pool
+    assert [p.num_used for p in sched.pools] == [3, 4]
+    with pytest.raises(ValueError, match="use .pools"):
+        sched.pool  # noqa: B018
+    with pytest.raises(ValueError, match="do not split evenly over 2 replicas"):
+        replicated_sched(max_seqs=3, pages=6)
+
+
+def test_a_shared_prefix_goes_to_the_replica_that_caches_it():
+    sched = replicated_sched(max_seqs=4, pages=20)
+    a = seq("a", 10, max_tokens=2)
+    sched.add([a])
+    feed(sched, sched.schedule())
+    a_pages = list(a.pages)
+    other = seq("other", 5)
+    other.prompt_ids = [99] * 5
+    sched.add([other])
+    feed(sched, sched.schedule())  # no shared prefix: the replica with more free pages (1)
+    b = seq("b", 10, max_tokens=2)
+    b.prompt_ids = list(range(1, 9)) + [50, 51]  # a's first two pages, cached on replica 0 (fewer free pages)
+    sched.add([b])
+    (chunk,) = [c for c in sched.schedule().prefills if c.seq is b]
+    assert (a.replica, other.replica, b.replica) == (0, 1, 0)
+    assert (chunk.start, chunk.end) == (8, 10) and b.pages[:2] == a_pages[:2]
+
+
+def test_preemption_takes_pages_only_from_the_short_replica():
+    # Replica 0: 4 pages of 4 tokens for a and b (b shares a's first page, so it goes there too), 5 pages
+    # needed by the end. Replica 1 holds the newest sequence, which must not be preempted for replica 0.
+    sched = replicated_sched(max_seqs=4, pages=4)
+    a, b, newest = seq("a", 7, max_tokens=5), seq("b", 7, max_tokens=5), seq("newest", 9, max_tokens=7)
+    newest.prompt_ids = [42] * 9  # 16 tokens by the end: replica 1's 4 pages
+    for s in (a, b, newest):
+        sched.add([s])
+        feed(sched, sched.schedule())
+    assert (a.replica, b.replica, newest.replica) == (0, 0, 1)
+    plans = run_until_done(sched)
+    assert b.preemptions >= 1 and a.preemptions == 0 and newest.preemptions == 0
+    assert all(s.finish_reason == "length" for s in (a, b, newest)) and len(b.output_ids) == 5
+    assert plans and [p.num_used for p in sched.pools] == [0, 0]

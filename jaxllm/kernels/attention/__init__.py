@@ -51,27 +51,29 @@ def paged_attention(
     decode kernel when seq == 1 and the flash prefill kernel otherwise; 'native' runs the C++ kernel when
     seq == 1 on float32 and the reference otherwise. interpret: run the Pallas kernels in the interpreter
     (the only way on the CPU; 'pallas-interpret' implies it). Under a placement (`sharding.active()`) the
-    kernel runs per device on its own heads under `shard_map`: attention never mixes heads, and XLA cannot
-    split a custom call itself.
+    kernel runs per device under `shard_map`, on its own heads (attention never mixes heads, and XLA cannot
+    split a custom call itself) and, with data-parallel replicas, on its replica's rows and pages: then the
+    rows come grouped by replica and their block tables hold page ids of their replica's pool.
     """
     from jaxllm import sharding
 
     placement = sharding.active()
-    if placement is not None and placement.tensor_parallel > 1:
+    if placement is not None and placement.mesh.size > 1:
         stacked = layer is not None
 
-        def local(q, kn, vn, kp, vp, bt, cl, lay):  # this device's heads
+        def local(q, kn, vn, kp, vp, bt, cl, lay):  # this device's heads of its replica's rows and pages
             lay = lay if stacked else None
             return _paged_attention(q, kn, vn, kp, vp, bt, cl, sliding_window, impl, interpret=interpret, layer=lay)
 
-        heads = P(None, None, placement.rules.q_heads, None)
-        kv = P(None, None, placement.rules.kv_heads, None)
-        pages = None if k_pages is None else P(*(None,) * (k_pages.ndim - 2), placement.rules.kv_heads, None)
+        rows = sharding.rows_axis(placement, q.shape[0], paged=k_pages is not None)
+        heads = P(rows, None, placement.rules.q_heads, None)
+        kv = P(rows, None, placement.rules.kv_heads, None)
+        pages = None if k_pages is None else sharding.pool_spec(placement, k_pages.ndim)
         layer_arg = jnp.asarray(layer if stacked else 0, jnp.int32)
         sharded = jax.shard_map(
             local,
             mesh=placement.mesh,
-            in_specs=(heads, kv, kv, pages, pages, P(), P(), P()),
+            in_specs=(heads, kv, kv, pages, pages, P(rows), P(rows), P()),
             out_specs=heads,
             check_vma=False,
         )
