@@ -200,7 +200,7 @@ def test_fewer_kv_heads_than_devices_store_each_kv_head_once_per_device_of_its_g
     np.testing.assert_array_equal(qkv_rows(shard_config(cfg, None)), qkv_rows(cfg))
 
 
-PARALLEL_SCRIPT = """
+PARALLEL_SCRIPT = r"""
 import sys
 import jax, numpy as np
 from jax.sharding import PartitionSpec as P
@@ -250,6 +250,22 @@ def per_device_fraction(llm):
     per = device_bytes(llm.loaded.params)
     assert len(per) == llm.loaded.placement.tensor_parallel
     return max(per.values()) / llm.weight_bytes
+
+
+def gathered_logits(llm, params):
+    # the all-gathers of [rows, vocab] arrays in the compiled decode step that serves `params`
+    import re
+    from jaxllm.sharding import placed
+
+    seen = {}
+    llm.engine.on_step = lambda inp: inp.decode is not None and seen.setdefault("decode", inp.decode)
+    llm.generate(["hello there the"], params, use_tqdm=False)
+    llm.engine.on_step = None
+    r = llm.runner
+    with placed(r.placement):
+        hlo = r._decode.lower(r.params, r.cache, r.state, seen["decode"], r.stop_mask).compile().as_text()
+    wide = re.compile(rf"\[\d+,{llm.config.vocab_size}[\],]")
+    return [line for line in hlo.splitlines() if " all-gather(" in line and wide.search(line.split("=")[1])]
 
 
 def check_data_parallel(one, llm, prompts):
@@ -317,6 +333,10 @@ if which == "tiny":
         assert tuple(llm.runner.cache.k.sharding.spec)[3] == "model"  # the KV pool: split over KV heads
         frac = per_device_fraction(llm)
         assert 1 / tp <= frac < 1 / tp + 0.05, (tp, frac)
+    # logits are gathered only as far as sampling needs: greedy takes the argmax of each device's share of
+    # the vocabulary and combines those; top-k sampling needs the whole rows
+    assert gathered_logits(llm, SamplingParams(temperature=0, max_tokens=6)) == []
+    assert gathered_logits(llm, SamplingParams(temperature=0.8, top_k=5, seed=1, max_tokens=6))
     same_run(one, LLM(folder, tensor_parallel=2, scan_layers=False, progress=False), prompts)  # per-layer params
     check_data_parallel(one, LLM(folder, tensor_parallel=2, data_parallel=2, progress=False), prompts)
     check_data_parallel(one, LLM(folder, tensor_parallel=4, data_parallel=2, progress=False), prompts)  # KV copies

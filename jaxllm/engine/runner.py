@@ -132,8 +132,7 @@ class ModelRunner:
         self.compiles: Counter = Counter()
         self.stop_mask = np.zeros((cfg.vocab_size,), bool)  # host data: every process of a group passes the same
         self.stop_mask[list(cfg.eos_token_ids)] = True
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
+        self._prefill = self._decode = None  # compiled for the cache and state that `allocate` makes
 
     @property
     def data_parallel(self) -> int:
@@ -173,6 +172,19 @@ class ModelRunner:
         if self.placement is not None:  # each replica its slots, whole on each of its devices
             self.state = jax.device_put(self.state, self.placement.sharding(("batch",)))
         self.slots = slots
+        self._prefill, self._decode = self._jit(self._prefill_fn), self._jit(self._decode_fn)
+
+    def _jit(self, step):
+        """A step jitted with the cache and state donated; under a placement with explicit out shardings: the
+        cache and state keep theirs (so they are updated in place), the sampled tokens and logprobs are whole
+        on every device (each process of a group can read them)."""
+        if self.placement is None:
+            return jax.jit(step, donate_argnums=(1, 2))
+        keep = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
+        everywhere = self.placement.replicated()
+        return jax.jit(
+            step, donate_argnums=(1, 2), out_shardings=(keep(self.cache), keep(self.state), everywhere, everywhere)
+        )
 
     def kv_bytes_per_token(self) -> int:
         return bytes_per_token(self.cfg, self.dtype)
@@ -265,7 +277,7 @@ class ModelRunner:
             put(state.counts, counts),
             put(state.bias, batch.bias),
         )
-        return cache, state, *self._everywhere((first, info))
+        return cache, state, first, info
 
     def _decode_fn(self, params, cache, state, batch: DecodeBatch, stop_mask):
         self.compiles["decode"] += 1
@@ -308,7 +320,7 @@ class ModelRunner:
 
         (cache, st), (toks, info) = jax.lax.scan(step, (cache, st), None, length=n_steps)
         state = jax.tree.map(self._put_rows, state, st)
-        return cache, state, *self._everywhere((toks, info))
+        return cache, state, toks, info
 
     def _read_slots(self, state, slots):
         """state [slots, ...] read at each row's slot of its replica: rows [rows] grouped by replica -> [rows, ...].
@@ -335,13 +347,6 @@ class ModelRunner:
         dp, rest = self.data_parallel, full.shape[1:]
         grouped = full.reshape(dp, self.slots_per_replica, *rest)
         return grouped.at[:, : part.shape[0] // dp].set(part.reshape(dp, -1, *rest)).reshape(full.shape)
-
-    def _everywhere(self, tree):
-        """Under a placement, the sampled tokens and logprobs whole on every device (each process of a group
-        can then read them); as they are on one device."""
-        if self.placement is None:
-            return tree
-        return jax.lax.with_sharding_constraint(tree, self.placement.replicated())
 
 
 def row_params(plist, seeds, rows: int) -> RowParams:
