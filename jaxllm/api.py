@@ -40,7 +40,8 @@ class LLM:
     'int4-sym', 'fp8'); a .gguf file is kept in its own quantized formats unless `dequantize=True` or a
     `dtype` is given. quant_embeddings: under `quant`, quantize the embedding and LM head too.
     tensor_parallel: devices the model is split over (None: as many local devices as split its heads; 1:
-    one device); data_parallel: replicas, each with its share of the batch.
+    one device); data_parallel: replicas of the tensor-parallel group (data_parallel × tensor_parallel devices),
+    each with its share of the batch and of the KV pages (the slots round up to a multiple of it).
     `weight_bytes` says how many bytes the weights take on the device(s).
     """
 

@@ -63,7 +63,13 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="split the model over N devices (default: as many local devices as split its heads; 1: one device)",
     )
-    p.add_argument("--data-parallel", type=positive, default=1, metavar="M", help="model replicas (default 1)")
+    p.add_argument(
+        "--data-parallel",
+        type=positive,
+        default=1,
+        metavar="M",
+        help="M replicas of the model, each over its N devices with its share of the batch and KV cache (default 1)",
+    )
 
 
 def parallelism(args: argparse.Namespace):
