@@ -65,9 +65,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from jaxllm import LLM
-    from jaxllm.kernels.attention import native_decode
+    from jaxllm.kernels.attention import native_paged
 
-    if not native_decode.available():
+    if not native_paged.available():
         raise SystemExit("error: the native kernel is unavailable here (see the warning above)")
     max_len = max(args.contexts) + 64
     base = LLM("smollm2", max_num_seqs=args.batch, max_model_len=max_len, progress=False)

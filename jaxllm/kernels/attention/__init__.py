@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.kernels.attention import native_decode, reference
+from jaxllm.kernels.attention import native_paged, reference
 from jaxllm.kernels.attention.flash_prefill import flash_prefill_attention
 from jaxllm.kernels.attention.paged_decode import paged_decode_attention
 
@@ -100,9 +100,9 @@ def _paged_attention(
     impl = impl or default_impl()
     if impl not in IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}: use one of {', '.join(IMPLS)}")
-    if impl == "native" and k_pages is not None and q.shape[1] == 1 and (chosen or native_decode.available()):
+    if impl == "native" and k_pages is not None and q.shape[1] == 1 and (chosen or native_paged.available()):
         try:
-            return native_decode.native_decode_attention(
+            return native_paged.native_decode_attention(
                 q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window, layer
             )
         except ValueError as e:  # dtypes it does not take (raised while tracing)

@@ -109,3 +109,36 @@ def _decode_attention(q, k_new, v_new, k_ctx, v_ctx, ctx_lens, sliding_window):
     out = jnp.einsum("bkgs,bskd->bkgd", p_ctx.astype(v_ctx.dtype), v_ctx, preferred_element_type=jnp.float32)
     out = out + p_new[..., None] * v_new[:, 0, :, None, :].astype(jnp.float32)
     return (out / denom[..., None]).reshape(b, 1, h, d).astype(q.dtype)
+
+
+def ragged_paged_attention(
+    q,
+    k_new,
+    v_new,
+    k_pages,
+    v_pages,
+    block_tables,
+    ctx_lens,
+    q_starts,
+    q_lens,
+    seq_ids,
+    max_q_len: int,
+    sliding_window: int | None = None,
+):
+    """Attention output [tokens, q_heads, head_dim] for ragged new tokens (see `native_paged_attention`).
+
+    q: [tokens, q_heads, head_dim]; k_new, v_new: [tokens, kv_heads, head_dim]; k_pages, v_pages: one layer's
+    pool [num_pages, page_size, kv_heads, head_dim]; block_tables: [seqs, n_pages]; ctx_lens, q_starts, q_lens:
+    [seqs] (cached positions, first new token's index, new tokens); seq_ids: [tokens] (out of range: padding,
+    output zero); max_q_len: static bound on q_lens. Each sequence's tokens are laid out as one padded row of
+    `max_q_len` and attended as `paged_attention` does; outputs go back to their tokens.
+    """
+    n_seqs = block_tables.shape[0]
+    idx = q_starts[:, None] + jnp.arange(max_q_len, dtype=q_starts.dtype)[None]  # [seqs, max_q_len]
+    rows = lambda x: jnp.take(x, idx, axis=0, mode="clip")
+    out = paged_attention(rows(q), rows(k_new), rows(v_new), k_pages, v_pages, block_tables, ctx_lens, sliding_window)
+    seq = jnp.clip(seq_ids, 0, n_seqs - 1)
+    offset = jnp.arange(q.shape[0], dtype=seq_ids.dtype) - q_starts[seq]
+    valid = (seq_ids >= 0) & (seq_ids < n_seqs) & (offset >= 0) & (offset < q_lens[seq])
+    picked = out[seq, jnp.clip(offset, 0, max_q_len - 1)]
+    return jnp.where(valid[:, None, None], picked, 0).astype(q.dtype)
