@@ -32,11 +32,14 @@ class Attention(nn.Module):
     stack: int = 0
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_pages, v_pages, block_tables, ctx_lens, cache_layer=None, layer=None):
+    def __call__(
+        self, x, cos, sin, k_pages, v_pages, block_tables, ctx_lens, cache_layer=None, layer=None, ragged=None
+    ):
         """x [batch, seq, embed] -> (out [batch, seq, embed], k_new, v_new [batch, seq, kv_heads, head_dim]).
 
         k_pages, v_pages: this layer's pool, or the stacked cache read at `cache_layer` (see
-        `kernels.paged_attention`); layer: the index into the stacked weights when `stack` (see `layers.param`).
+        `kernels.paged_attention`); layer: the index into the stacked weights when `stack` (see `layers.param`);
+        ragged: x is one flat run of tokens from several sequences (`kernels.Ragged`).
         """
         c, dt, n = self.cfg, self.dtype, self.stack
         h, kvh, hd, g = c.num_heads, c.num_kv_heads, c.head_dim, c.num_groups
@@ -57,7 +60,9 @@ class Attention(nn.Module):
             k = RMSNorm(c.rms_norm_eps, "head_dim", dt, n, name="k_norm")(k, layer)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         window = c.sliding_window
-        out = kernels.paged_attention(q, k, v, k_pages, v_pages, block_tables, ctx_lens, window, layer=cache_layer)
+        out = kernels.paged_attention(
+            q, k, v, k_pages, v_pages, block_tables, ctx_lens, window, layer=cache_layer, ragged=ragged
+        )
         return quant.einsum("bthk,hkd->btd", out, wo, layer=layer).astype(dt), k, v
 
 
@@ -79,10 +84,10 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, shared, cache, layer=None):
-        """x [batch, seq, embed]; shared = (cos, sin, ctx_lens, block_tables [batch, n_pages]);
+        """x [batch, seq, embed]; shared = (cos, sin, ctx_lens, block_tables [batch, n_pages], ragged or None);
         cache = (k, v): the stacked [layers, num_pages, page_size, kv_heads, head_dim] read at `layer`
         ([] int32), or this layer's own [num_pages, page_size, kv_heads, head_dim] (layer None), or (None, None)."""
-        cos, sin, ctx_lens, block_tables = shared
+        cos, sin, ctx_lens, block_tables, ragged = shared
         k_pages, v_pages = cache
         cache_layer = layer
         if self.ctx_len:
@@ -96,7 +101,7 @@ class DecoderLayer(nn.Module):
         with jax.named_scope("attention"):
             h = RMSNorm(c.rms_norm_eps, dtype=dt, stack=n, name="attn_norm")(x, layer)
             attn = Attention(c, dt, self.quant, n, name="attn")
-            a, k, v = attn(h, cos, sin, k_pages, v_pages, block_tables, ctx_lens, cache_layer, layer)
+            a, k, v = attn(h, cos, sin, k_pages, v_pages, block_tables, ctx_lens, cache_layer, layer, ragged)
             x = x + a
         with jax.named_scope("mlp"):
             h = RMSNorm(c.rms_norm_eps, dtype=dt, stack=n, name="mlp_norm")(x, layer)
@@ -115,7 +120,16 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens, positions, k_cache, v_cache, ctx_lens, block_tables=None, ctx_len: int = 0, logits_index=None
+        self,
+        tokens,
+        positions,
+        k_cache,
+        v_cache,
+        ctx_lens,
+        block_tables=None,
+        ctx_len: int = 0,
+        logits_index=None,
+        ragged=None,
     ):
         """Run the model.
 
@@ -124,14 +138,16 @@ class Transformer(nn.Module):
         ctx_lens: [batch] valid cached positions per row; block_tables: [batch, n_pages] int32 pages of each row
         (see `jaxllm.engine.kv_cache`); ctx_len: static number of cached positions attended (0: none);
         logits_index: [batch] or None — when given, only the logits at that position of each row are computed
-        ([batch, vocab] instead of [batch, seq, vocab]).
+        ([batch, vocab] instead of [batch, seq, vocab]); ragged: tokens [1, n] are one flat run from the
+        sequences that ctx_lens and block_tables [seqs, ...] describe (`kernels.Ragged`), and logits_index
+        [k] picks k of the n tokens ([k, vocab]).
         Returns (logits, (k_new, v_new)) with k_new, v_new [layers, batch, seq, kv_heads, head_dim].
         """
         c, dt = self.cfg, self.dtype
         embed = weight(self, W[("embed",)], c, self.quant, dt)
         x = quant.take(embed, tokens).astype(dt)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
-        shared, layer_ctx = (cos, sin, ctx_lens, block_tables), ctx_len if k_cache is not None else 0
+        shared, layer_ctx = (cos, sin, ctx_lens, block_tables, ragged), ctx_len if k_cache is not None else 0
         if self.scan_layers:
             if isinstance(k_cache, tuple):
                 raise ValueError("scanned layers take the stacked KV cache: KVCache.zeros(per_layer=False)")
@@ -151,7 +167,7 @@ class Transformer(nn.Module):
                 # Each layer's context gather waits for the layer's input: unordered, XLA would start all
                 # the layers' gathers at once, contending with the matmuls for cores and cache.
                 x, tables = jax.lax.optimization_barrier((x, block_tables))
-                layer_shared = (cos, sin, ctx_lens, tables)
+                layer_shared = (cos, sin, ctx_lens, tables, ragged)
                 layer = DecoderLayer(c, dt, layer_ctx, self.quant, name=f"layers_{i}")
                 x, (k, v) = layer(x, layer_shared, layer_cache)
                 ks.append(k)
@@ -160,7 +176,9 @@ class Transformer(nn.Module):
             # new keys/values to the final activations, or XLA copies the whole cache to write in place.
             x, k_new, v_new = jax.lax.optimization_barrier((x, jnp.stack(ks), jnp.stack(vs)))
         x = RMSNorm(c.rms_norm_eps, dtype=dt, name="final_norm")(x)
-        if logits_index is not None:
+        if logits_index is not None and ragged is not None:
+            x = x[0, logits_index]
+        elif logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
         if c.tie_word_embeddings:
             logits = quant.einsum("...d,vd->...v", x, embed, preferred_element_type=jnp.float32)

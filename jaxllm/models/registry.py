@@ -51,7 +51,12 @@ def param_shapes(model):
     )
 
 
-def forward(model, params, tokens, positions, cache, block_tables, ctx_lens, ctx_len: int, logits_index=None):
+NO_PAGE = 2**30  # a page id past any pool: writes there are dropped
+
+
+def forward(
+    model, params, tokens, positions, cache, block_tables, ctx_lens, ctx_len: int, logits_index=None, ragged=None
+):
     """One model call over the paged KV cache: (logits, new cache). Pure; jitted by the runner.
 
     tokens, positions: [batch, seq]; cache: KVCache with k, v [layers, num_pages, page_size, kv_heads, head_dim]
@@ -59,9 +64,23 @@ def forward(model, params, tokens, positions, cache, block_tables, ctx_lens, ctx
     both the context read and the positions written; ctx_lens: [batch] valid cached tokens per row; ctx_len:
     static number of cached positions to attend to; logits_index: [batch] or None (see Transformer). New
     keys/values land at `positions`; with block_tables None nothing is read or written (a cache-free forward).
+    ragged (`kernels.Ragged`): tokens and positions [1, n] are one flat run of tokens from the sequences that
+    block_tables [seqs, n_pages] and ctx_lens [seqs] describe (a mixed prefill and decode step); each token's
+    keys/values land in its sequence's pages (padding tokens write nothing); logits_index [k] picks the tokens
+    whose logits are computed.
     """
-    k, v = (cache.k, cache.v) if ctx_len else (None, None)
-    logits, (k_new, v_new) = model.apply(params, tokens, positions, k, v, ctx_lens, block_tables, ctx_len, logits_index)
+    k, v = (cache.k, cache.v) if ctx_len or ragged is not None else (None, None)
+    logits, (k_new, v_new) = model.apply(
+        params, tokens, positions, k, v, ctx_lens, block_tables, ctx_len, logits_index, ragged
+    )
     if block_tables is None:
         return logits, cache
-    return logits, cache.write(block_tables, positions, k_new, v_new)
+    if ragged is None:
+        return logits, cache.write(block_tables, positions, k_new, v_new)
+    # Each token is a row of one through its sequence's block table.
+    n_seqs = block_tables.shape[0]
+    ids = ragged.seq_ids
+    real = (ids >= 0) & (ids < n_seqs)
+    tables = jnp.where(real[:, None], block_tables[jnp.clip(ids, 0, n_seqs - 1)], NO_PAGE)
+    per_token = lambda x: jnp.swapaxes(x, 1, 2)  # [layers, 1, n, ...] -> [layers, n, 1, ...]
+    return logits, cache.write(tables, positions[0][:, None], per_token(k_new), per_token(v_new))

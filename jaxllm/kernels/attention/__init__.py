@@ -1,7 +1,12 @@
-"""Attention over new tokens plus a paged KV context: one interface, implementation chosen by backend."""
+"""Attention over new tokens plus a paged KV context: one interface, implementation chosen by backend.
+
+New tokens come either as rows of equal length ([batch, seq], each row one sequence), or ragged: one flat
+run of tokens ([1, tokens]) from sequences of any query length, described by a `Ragged`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -16,6 +21,20 @@ from jaxllm.kernels.attention.paged_decode import paged_decode_attention
 
 log = logging.getLogger(__name__)
 IMPLS = ("reference", "pallas", "pallas-interpret", "native")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Ragged:
+    """Which flat tokens belong to which sequence: q_starts, q_lens [seqs] (each sequence's first token and
+    how many it has; padding sequences have none), seq_ids [tokens] (each token's sequence; out of range for
+    padding tokens); max_q_len (static) bounds q_lens. The sequences' block tables and cached lengths are
+    the usual `block_tables` [seqs, n_pages] and `ctx_lens` [seqs]."""
+
+    q_starts: jax.Array
+    q_lens: jax.Array
+    seq_ids: jax.Array
+    max_q_len: int = dataclasses.field(metadata=dict(static=True))
 
 
 def default_impl() -> str:
@@ -41,6 +60,7 @@ def paged_attention(
     *,
     interpret: bool = False,
     layer=None,
+    ragged: Ragged | None = None,
 ):
     """Attention output [batch, seq, q_heads, head_dim]; arguments as in `reference.paged_attention`.
 
@@ -54,7 +74,14 @@ def paged_attention(
     kernel runs per device under `shard_map`, on its own heads (attention never mixes heads, and XLA cannot
     split a custom call itself) and, with data-parallel replicas, on its replica's rows and pages: then the
     rows come grouped by replica and their block tables hold page ids of their replica's pool.
+    ragged: the new tokens are one flat run (batch 1: q [1, tokens, q_heads, head_dim]) from the sequences
+    that `block_tables` and `ctx_lens` [seqs] describe (see `Ragged`); the native kernel takes them as they
+    are, the others attend each sequence as a padded row of `max_q_len` (the reference's way).
     """
+    if ragged is not None:
+        return _ragged_attention(
+            q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, ragged, sliding_window, impl, layer
+        )
     from jaxllm import sharding
 
     placement = sharding.active()
@@ -124,6 +151,77 @@ def _paged_attention(
             raise
         _warn_fallback("Pallas", str(e))
         return reference.paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window)
+
+
+def _ragged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, ragged, sliding_window, impl, layer):
+    """`paged_attention` for a flat run of ragged tokens: q [1, tokens, q_heads, head_dim] -> the same shape.
+    Under a placement each device attends its heads (tokens and sequences whole on every device)."""
+    from jaxllm import sharding
+
+    def local(q, kn, vn, kp, vp, bt, cl, rg, lay):
+        return _ragged_local(q[0], kn[0], vn[0], kp, vp, bt, cl, rg, sliding_window, impl, lay)[None]
+
+    layer_arg = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    placement = sharding.active()
+    if placement is None or placement.mesh.size == 1:
+        return local(
+            q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, ragged, layer if layer is None else layer_arg
+        )
+    if placement.data_parallel > 1:
+        raise ValueError("ragged attention under data parallelism is not supported: use data_parallel=1")
+    stacked = layer is not None
+    heads = P(None, None, placement.rules.q_heads, None)
+    kv = P(None, None, placement.rules.kv_heads, None)
+    pages = sharding.pool_spec(placement, k_pages.ndim)
+    run = jax.shard_map(
+        lambda *a: local(*a[:-1], a[-1] if stacked else None),
+        mesh=placement.mesh,
+        in_specs=(heads, kv, kv, pages, pages, P(), P(), P(), P()),
+        out_specs=heads,
+        check_vma=False,
+    )
+    return run(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, ragged, layer_arg)
+
+
+def _ragged_local(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, ragged, sliding_window, impl, layer):
+    """One device's ragged attention: q [tokens, q_heads, head_dim] -> the same shape."""
+    chosen = impl or os.environ.get("JAXLLM_ATTENTION")
+    impl = impl or default_impl()
+    if impl == "native" and (chosen or native_paged.available()):
+        try:
+            return native_paged.native_paged_attention(
+                q,
+                k_new,
+                v_new,
+                k_pages,
+                v_pages,
+                block_tables,
+                ctx_lens,
+                ragged.q_starts,
+                ragged.seq_ids,
+                sliding_window,
+                layer,
+            )
+        except ValueError as e:  # dtypes it does not take (raised while tracing)
+            if chosen:
+                raise
+            _warn_fallback("native", str(e))
+    if layer is not None:
+        k_pages, v_pages = k_pages[layer], v_pages[layer]
+    return reference.ragged_paged_attention(
+        q,
+        k_new,
+        v_new,
+        k_pages,
+        v_pages,
+        block_tables,
+        ctx_lens,
+        ragged.q_starts,
+        ragged.q_lens,
+        ragged.seq_ids,
+        ragged.max_q_len,
+        sliding_window,
+    )
 
 
 @functools.cache
