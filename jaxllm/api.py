@@ -42,6 +42,8 @@ class LLM:
     tensor_parallel: devices the model is split over (None: as many local devices as split its heads; 1:
     one device); data_parallel: replicas of the tensor-parallel group (data_parallel × tensor_parallel devices),
     each with its share of the batch and of the KV pages (the slots round up to a multiple of it).
+    mixed_step: run a step's prefill chunks and decodes as one model call (weights read once per step);
+    False runs each prefill group and the decode as calls of their own.
     `weight_bytes` says how many bytes the weights take on the device(s).
     """
 
@@ -65,6 +67,7 @@ class LLM:
         quant_embeddings: bool = False,
         tensor_parallel: int | None = None,
         data_parallel: int = 1,
+        mixed_step: bool = True,
         cluster: Cluster | None = None,
         progress: bool = True,
         loaded: LoadedModel | None = None,
@@ -102,6 +105,7 @@ class LLM:
             page_size=page_size,
             kv_cache_memory=kv_cache_memory,
             prefix_caching=prefix_caching,
+            mixed_step=mixed_step,
         )
 
     def follow(self) -> int:

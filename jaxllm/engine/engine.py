@@ -17,7 +17,15 @@ import numpy as np
 from jaxllm.distributed import peer_failure
 from jaxllm.engine import buckets
 from jaxllm.engine.kv_pages import PagePool
-from jaxllm.engine.runner import DecodeBatch, ModelRunner, PrefillBatch, StepInputs, flags_for, row_params
+from jaxllm.engine.runner import (
+    DecodeBatch,
+    MixedBatch,
+    ModelRunner,
+    PrefillBatch,
+    StepInputs,
+    flags_for,
+    row_params,
+)
 from jaxllm.engine.scheduler import Plan, PrefillChunk, Scheduler
 from jaxllm.engine.sequence import Sequence, TokenLogprob, Update
 from jaxllm.errors import ContextLengthError, InvalidRequestError, JaxLLMError
@@ -31,6 +39,7 @@ class _Dispatched:
 
     prefills: list[tuple[object, object, dict[int, Sequence]]]
     decode: tuple[object, object, dict[int, Sequence]] | None
+    mixed: tuple[object, object, dict[int, Sequence]] | None = None
 
 
 DEFAULT_CPU_KV_GIB = 4.0  # KV cache budget on the CPU when none is given
@@ -56,6 +65,7 @@ class Engine:
         page_size: int = 16,
         kv_cache_memory: float | None = None,
         prefix_caching: bool = True,
+        mixed_step: bool = True,
     ):
         self.runner, self.tokenizer = runner, tokenizer
         self.cfg = runner.cfg
@@ -64,6 +74,8 @@ class Engine:
             raise InvalidRequestError(f"page_size must be at least 1, got {page_size}")
         self.page_size, self.prefix_caching = page_size, prefix_caching
         self.replicas = runner.data_parallel
+        # Decodes and prefill chunks as one model call (one data-parallel replica only, for now).
+        self.mixed_step = mixed_step and self.replicas == 1
         self.max_pages = self._page_budget(kv_cache_memory)
         if self.max_pages // self.replicas * page_size < max_model_len:
             per = " per data-parallel replica" if self.replicas > 1 else ""
@@ -171,10 +183,16 @@ class Engine:
             self.on_step(inputs)
         prefills = [(*self.runner.prefill(b), seqs) for b, seqs in zip(inputs.prefills, owners[0], strict=True)]
         decode = (*self.runner.decode(inputs.decode), owners[1]) if inputs.decode is not None else None
-        return _Dispatched(prefills, decode)
+        mixed = (*self.runner.mixed(inputs.mixed), owners[2]) if inputs.mixed is not None else None
+        return _Dispatched(prefills, decode, mixed)
 
-    def step_inputs(self, plan: Plan) -> tuple[StepInputs, tuple[list[dict[int, Sequence]], dict[int, Sequence]]]:
-        """The plan as the runner's plain inputs, and which sequence each sampled row belongs to."""
+    def step_inputs(self, plan: Plan) -> tuple[StepInputs, tuple]:
+        """The plan as the runner's plain inputs, and which sequence each sampled row belongs to (of each
+        prefill call, of the decode, of the mixed step). With `mixed_step`, a plan holding prefill chunks
+        runs as one mixed step with its decodes; a plan of decodes alone runs as a (multi-step) decode."""
+        if self.mixed_step and plan.prefills:
+            batch, owners = self._mixed(plan)
+            return StepInputs([], None, batch), ([], {}, owners)
         per_replica = lambda: [[] for _ in range(self.replicas)]
         groups: dict[tuple[int, int], list[list[PrefillChunk]]] = defaultdict(per_replica)
         for c in plan.prefills:
@@ -191,7 +209,7 @@ class Engine:
                 prefills.append(self._prefill(placed, rows * self.replicas, length, ctx))
                 prefill_owners.append({row: c.seq for row, c in placed if c.last})
         decode, decode_owners = (self._decode(plan.decodes, plan.decode_steps)) if plan.decodes else (None, {})
-        return StepInputs(prefills, decode), (prefill_owners, decode_owners)
+        return StepInputs(prefills, decode), (prefill_owners, decode_owners, {})
 
     def _block_tables(self, seqs, rows: int, tokens: int) -> np.ndarray:
         """[rows, n_pages] page ids covering `tokens` positions of each sequence (None: a padding row);
@@ -268,8 +286,77 @@ class Engine:
         batch = DecodeBatch(row_params(params, seeds, rows), active, table, rows, attn, steps, flags_for(params))
         return batch, by_row
 
+    def _mixed(self, plan: Plan) -> tuple[MixedBatch, dict[int, Sequence]]:
+        """The plan's decodes (one step each) and prefill chunks as one flat run of tokens: decodes first, one
+        token each, then each chunk's tokens; padded to bucketed token and sequence counts."""
+        assert plan.decode_steps == 1 or not plan.decodes, "a mixed step decodes one token per sequence"
+        entries = [(s, None) for s in plan.decodes] + [(c.seq, c) for c in plan.prefills]
+        n_tokens = len(plan.decodes) + sum(c.end - c.start for c in plan.prefills)
+        t = buckets.seq_bucket(n_tokens, buckets.next_pow2(self.scheduler.token_budget + self.runner.slots))
+        n = buckets.batch_bucket(len(entries), self.runner.slots)
+        # context attended: every decode's tokens so far, every chunk's cached prefix and itself
+        longest = max([s.num_tokens + s.inflight for s in plan.decodes] + [c.end for c in plan.prefills])
+        ctx = buckets.attn_bucket(longest, self.max_model_len)
+        tokens, positions = np.zeros((t,), np.int32), np.zeros((t,), np.int32)
+        seq_ids = np.full((t,), n, np.int32)
+        decoding, fresh, sample = np.zeros((n,), bool), np.ones((n,), bool), np.zeros((n,), bool)
+        q_starts, q_lens = np.full((n,), n_tokens, np.int32), np.zeros((n,), np.int32)
+        ctx_lens, prompt_lens, out_steps = np.zeros((n,), np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.int32)
+        slots = np.full((n,), self.runner.slots, np.int32)  # padding sequences write nowhere
+        prior = np.full((n, ctx), self.cfg.vocab_size, np.int32)
+        bias = np.zeros((n, self.cfg.vocab_size), np.float32)
+        owners, at = {}, 0
+        for i, (s, c) in enumerate(entries):
+            slots[i], prompt_lens[i], q_starts[i] = s.slot, len(s.prompt_ids), at
+            if c is None:  # a decode: token, position and context come from its slot on device
+                decoding[i], fresh[i], sample[i], q_lens[i] = True, False, True, 1
+                seq_ids[at] = i
+                at += 1
+            else:
+                ids, size = s.token_ids(), c.end - c.start
+                tokens[at : at + size] = ids[c.start : c.end]
+                positions[at : at + size] = np.arange(c.start, c.end)
+                seq_ids[at : at + size] = i
+                q_lens[i], ctx_lens[i], fresh[i], sample[i] = size, c.start, c.first, c.last
+                out_steps[i] = s.prefill_len - len(s.prompt_ids)
+                if c.first:
+                    prior[i, : c.start] = ids[: c.start]
+                for tok, b in s.params.logit_bias.items():
+                    bias[i, tok] = b
+                at += size
+            if sample[i]:
+                owners[i] = s
+        plist = [s.params for s, _ in entries]
+        seeds = [s.seed for s, _ in entries]
+        table = self._block_tables([s for s, _ in entries] + [None] * (n - len(entries)), n, ctx)
+        batch = MixedBatch(
+            tokens,
+            positions,
+            seq_ids,
+            decoding,
+            q_starts,
+            q_lens,
+            ctx_lens,
+            slots,
+            prompt_lens,
+            fresh,
+            sample,
+            out_steps,
+            prior,
+            table,
+            row_params(plist, seeds, n),
+            bias,
+            ctx,
+            flags_for(plist),
+        )
+        return batch, owners
+
     def _process(self, done: _Dispatched) -> list[Update]:
         updates = []
+        if done.mixed is not None:
+            toks, info, seqs = done.mixed
+            info = None if info is None else tuple(np.asarray(x)[:, None] for x in info)
+            updates += self._apply(np.asarray(toks)[:, None], info, seqs)
         for first, info, seqs in done.prefills:
             if seqs:
                 toks = np.asarray(first)[:, None]

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxllm.engine.kv_cache import KVCache, bytes_per_token
 from jaxllm.engine.sampling import RowParams, SamplerFlags, sample
+from jaxllm.kernels import Ragged
 from jaxllm.models.registry import forward
 from jaxllm.sharding import Placement, placed
 
@@ -95,6 +96,42 @@ class DecodeBatch:
     flags: SamplerFlags = dataclasses.field(default=SamplerFlags(), metadata=dict(static=True))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MixedBatch:
+    """Host-side inputs of one mixed step: decodes and prefill chunks as one flat run of tokens.
+
+    Per token [tokens]: tokens (a chunk's token ids), positions, seq_ids (its sequence's row; padding: out
+    of range). Per sequence [seqs]: decoding (a decode: its one token, position and cached length are its
+    slot's, on device, and the host's entries are ignored), q_starts, q_lens (its tokens in the run), ctx_lens
+    (positions already cached), slots, prompt_lens (positions below are the prompt, the rest outputs being
+    recomputed), fresh (its first chunk since admission: penalty state starts from `prior` [seqs, ctx_len],
+    the prefix-cache tokens, `vocab` past them),
+    sample (due a token: a decode or a last chunk), out_steps (outputs generated before, for chunks; a
+    decode's come from its slot), block_tables [seqs, n_pages], params (RowParams), bias [seqs, V] (chunks;
+    a decode keeps its slot's). Static: ctx_len (the context bucket attended), flags (sampler variant).
+    """
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    seq_ids: np.ndarray
+    decoding: np.ndarray
+    q_starts: np.ndarray
+    q_lens: np.ndarray
+    ctx_lens: np.ndarray
+    slots: np.ndarray
+    prompt_lens: np.ndarray
+    fresh: np.ndarray
+    sample: np.ndarray
+    out_steps: np.ndarray
+    prior: np.ndarray
+    block_tables: np.ndarray
+    params: RowParams
+    bias: np.ndarray
+    ctx_len: int = dataclasses.field(metadata=dict(static=True))
+    flags: SamplerFlags = dataclasses.field(default=SamplerFlags(), metadata=dict(static=True))
+
+
 @dataclasses.dataclass
 class StepInputs:
     """Everything one engine step hands the runner: its prefill calls and its decode dispatch, as plain
@@ -102,6 +139,7 @@ class StepInputs:
 
     prefills: list[PrefillBatch]
     decode: DecodeBatch | None
+    mixed: MixedBatch | None = None
 
 
 class ModelRunner:
@@ -132,7 +170,7 @@ class ModelRunner:
         self.compiles: Counter = Counter()
         self.stop_mask = np.zeros((cfg.vocab_size,), bool)  # host data: every process of a group passes the same
         self.stop_mask[list(cfg.eos_token_ids)] = True
-        self._prefill = self._decode = None  # compiled for the cache and state that `allocate` makes
+        self._prefill = self._decode = self._mixed = None  # compiled for the cache and state `allocate` makes
 
     @property
     def data_parallel(self) -> int:
@@ -173,6 +211,7 @@ class ModelRunner:
             self.state = jax.device_put(self.state, self.placement.sharding(("batch",)))
         self.slots = slots
         self._prefill, self._decode = self._jit(self._prefill_fn), self._jit(self._decode_fn)
+        self._mixed = self._jit(self._mixed_fn)
 
     def _jit(self, step):
         """A step jitted with the cache and state donated; under a placement with explicit out shardings: the
@@ -223,6 +262,81 @@ class ModelRunner:
                 self.params, self.cache, self.state, batch, self.stop_mask
             )
         return toks, info
+
+    def mixed(self, batch: MixedBatch):
+        """Run decodes and prefill chunks as one model call (weights read once) and sample a token for each
+        sequence due one; returns device arrays (tokens [seqs], logprob info) without waiting for them."""
+        if self.channel is not None:
+            self.channel.send("mixed", batch)
+        with placed(self.placement):
+            self.cache, self.state, toks, info = self._mixed(self.params, self.cache, self.state, batch, self.stop_mask)
+        return toks, info
+
+    def _mixed_fn(self, params, cache, state, batch: MixedBatch, stop_mask):
+        self.compiles["mixed"] += 1
+        n_seqs = batch.slots.shape[0]
+        slot = jnp.minimum(batch.slots, self.slots - 1)
+        seq = jnp.clip(batch.seq_ids, 0, n_seqs - 1)
+        real = batch.seq_ids < n_seqs
+        # A decode feeds the token its slot sampled last, at the slot's position (the host has not read them).
+        decode = batch.decoding[seq] & real
+        tokens = jnp.where(decode, state.tokens[slot[seq]], batch.tokens)
+        positions = jnp.where(decode, state.positions[slot[seq]], batch.positions)
+        ctx_lens = jnp.where(batch.decoding, state.positions[slot], batch.ctx_lens)
+        ragged = Ragged(batch.q_starts, batch.q_lens, batch.seq_ids, batch.tokens.shape[0])
+        last = jnp.maximum(batch.q_starts + batch.q_lens - 1, 0)
+        logits, cache = forward(
+            self.model,
+            params,
+            tokens[None],
+            positions[None],
+            cache,
+            batch.block_tables,
+            ctx_lens,
+            batch.ctx_len,
+            logits_index=last,
+            ragged=ragged,
+        )
+        vocab = logits.shape[-1]
+        # Penalty state: a decode (and a later chunk) carries its slot's; a first chunk starts from the
+        # prefix-cache tokens. A chunk's own tokens count too (a decode's token was counted when sampled).
+        carried = ~batch.fresh[:, None]
+        rows = jnp.arange(n_seqs)[:, None]
+        prior_in_prompt = jnp.arange(batch.prior.shape[1])[None] < batch.prompt_lens[:, None]
+        prompt_mask = jnp.where(carried, state.prompt_mask[slot], False)
+        prompt_mask = prompt_mask.at[rows, jnp.where(prior_in_prompt, batch.prior, vocab)].set(True, mode="drop")
+        counts = jnp.where(carried, state.counts[slot], 0)
+        counts = counts.at[rows, jnp.where(prior_in_prompt, vocab, batch.prior)].add(1, mode="drop")
+        chunk_token = real & ~decode
+        in_prompt = positions < batch.prompt_lens[seq]
+        at = lambda keep: jnp.where(keep, tokens, vocab)
+        prompt_mask = prompt_mask.at[seq, at(chunk_token & in_prompt)].set(True, mode="drop")
+        counts = counts.at[seq, at(chunk_token & ~in_prompt)].add(1, mode="drop")
+        bias = jnp.where(batch.decoding[:, None], state.bias[slot], batch.bias)
+        steps = jnp.where(batch.decoding, state.steps[slot], batch.out_steps)
+        tok, info = sample(
+            logits,
+            batch.params,
+            steps,
+            batch.flags,
+            prompt_mask=prompt_mask,
+            counts=counts,
+            bias=bias,
+            stop_mask=stop_mask,
+        )
+        counts = counts.at[jnp.arange(n_seqs), tok].add(batch.sample.astype(jnp.int32))
+        to = jnp.where(batch.slots < self.slots, batch.slots, self.slots)  # padding sequences write nowhere
+        due = jnp.where(batch.sample, to, self.slots)
+        put = lambda dst, src, where=to: dst.at[where].set(src, mode="drop")
+        state = DecodeState(
+            put(state.tokens, tok, due),
+            put(state.positions, ctx_lens + batch.q_lens, due),
+            put(state.steps, steps + 1, due),
+            put(state.prompt_mask, prompt_mask),
+            put(state.counts, counts),
+            put(state.bias, bias),
+        )
+        return cache, state, tok, info
 
     def _prefill_fn(self, params, cache, state, batch: PrefillBatch, stop_mask):
         self.compiles["prefill"] += 1
