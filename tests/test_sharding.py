@@ -139,7 +139,7 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
                                jnp.zeros((4,), jnp.int32), 0)
             one = jnp.full((4, 1), 6)
             return forward(m.model, p, tokens[:, 6:7], one, cache, tables, jnp.full((4,), 6, jnp.int32), 16)[0]
-        assert "jaxllm_paged_decode" in jax.jit(decode).lower(sharded).as_text()
+        assert "jaxllm_ragged_paged" in jax.jit(decode).lower(sharded).as_text()
         np.testing.assert_allclose(np.asarray(jax.jit(decode)(sharded)), np.asarray(jax.jit(decode)(m.params)),
                                    atol=1e-5)
         from jaxllm.loading.load import LoadOptions

@@ -1,27 +1,42 @@
-"""Bucketed shapes bound the number of compilations."""
+"""Bucketed shapes bound the number of compilations: each shape a workload meets compiles once, and twenty
+prompt lengths meet fewer shapes than twenty."""
 
 from __future__ import annotations
 
 import pytest
 
 from jaxllm import LLM, SamplingParams
-from jaxllm.engine import buckets
+
+
+def _shapes(llm) -> tuple[set, set]:
+    """Record the static shape of every mixed step and decode the engine dispatches."""
+    mixed, decode = set(), set()
+
+    def on_step(inputs):
+        if inputs.mixed is not None:
+            b = inputs.mixed
+            mixed.add((b.tokens.shape[0], b.slots.shape[0], b.ctx_len, b.flags))
+        if inputs.decode is not None:
+            b = inputs.decode
+            decode.add((b.rows, b.attn_len, b.n_steps, b.flags))
+
+    llm.engine.on_step = on_step
+    return mixed, decode
 
 
 @pytest.mark.slow
-def test_twenty_prompt_lengths_compile_at_most_the_buckets(tiny_models):
+def test_twenty_prompt_lengths_compile_once_per_bucket(tiny_models):
     folder, _ = tiny_models["llama"]
     llm = LLM(str(folder), max_model_len=256, prefix_caching=False, progress=False)
     llm.engine.reserve(1, 256)
+    mixed, decode = _shapes(llm)
     lengths = [3 + 11 * i for i in range(20)]  # 3 .. 212
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     for n in lengths:
         out = llm.generate([7] * n, params, use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 6
-    prefill_buckets = {buckets.seq_bucket(n, 256) for n in lengths}
-    attn_buckets = {buckets.attn_bucket(n + k, 256) for n in lengths for k in range(0, 8)}
-    assert llm.runner.compiles["prefill"] <= len(prefill_buckets)
-    assert llm.runner.compiles["decode"] <= len(attn_buckets)
+    assert len(mixed) < len(lengths) and len(decode) < len(lengths)
+    assert llm.runner.compiles["mixed"] == len(mixed) and llm.runner.compiles["decode"] == len(decode)
     before = dict(llm.runner.compiles)
     for n in lengths:  # the same shapes again: nothing new compiles
         llm.generate([9] * n, params, use_tqdm=False)
@@ -29,20 +44,18 @@ def test_twenty_prompt_lengths_compile_at_most_the_buckets(tiny_models):
 
 
 @pytest.mark.slow
-def test_prefix_hits_compile_at_most_one_variant_per_length_and_context_bucket(tiny_models):
+def test_prefix_hits_compile_once_per_length_and_context_bucket(tiny_models):
     folder, _ = tiny_models["llama"]
     llm = LLM(str(folder), max_model_len=256, page_size=8, progress=False)
     llm.engine.reserve(1, 256)
+    mixed, _ = _shapes(llm)
     lengths = [3 + 11 * i for i in range(20)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    shapes = set()  # the (length bucket, context bucket) of every prefill call
-    llm.engine.on_step = lambda inputs: shapes.update((b.tokens.shape[1], b.ctx_len) for b in inputs.prefills)
     for n in lengths:  # every prompt extends the previous one: each finds a cached prefix
         llm.generate([7] * n, params, use_tqdm=False)
     assert llm.engine.scheduler.pool.hits > 0
-    # Twenty prompts fall into fewer (length, context) buckets, and each bucket compiles once.
-    assert len(shapes) < len(lengths) and {c for _, c in shapes} - {0}
-    assert llm.runner.compiles["prefill"] == len(shapes)
+    # Twenty prompts, most of them only their uncached rest, fall into fewer buckets; each compiles once.
+    assert len(mixed) < len(lengths) and llm.runner.compiles["mixed"] == len(mixed)
     before = dict(llm.runner.compiles)
     for n in lengths:
         llm.generate([7] * n, params, use_tqdm=False)

@@ -7,31 +7,34 @@ import pickle
 
 import jax
 import numpy as np
+import pytest
 
 from jaxllm import LLM, SamplingParams
-from jaxllm.engine.runner import DecodeBatch, ModelRunner, PrefillBatch, StepInputs
+from jaxllm.engine.runner import DecodeBatch, MixedBatch, ModelRunner, PrefillBatch, StepInputs
 from jaxllm.engine.sampling import SamplerFlags
 
 
-def test_step_inputs_are_plain_data_that_replay_on_another_runner(tiny_models):
+@pytest.mark.parametrize("mixed_step", [True, False], ids=["mixed", "separate"])
+def test_step_inputs_are_plain_data_that_replay_on_another_runner(tiny_models, mixed_step):
     folder, _ = tiny_models["llama"]
-    llm = LLM(str(folder), progress=False, max_num_seqs=4, decode_steps=2)
+    llm = LLM(str(folder), progress=False, max_num_seqs=4, decode_steps=2, mixed_step=mixed_step)
     recorded, produced = [], []
     llm.engine.on_step = recorded.append
-    prefill, decode = llm.runner.prefill, llm.runner.decode
+    prefill, decode, mixed = llm.runner.prefill, llm.runner.decode, llm.runner.mixed
     llm.runner.prefill = lambda b: _kept(produced, prefill(b))
     llm.runner.decode = lambda b: _kept(produced, decode(b))
+    llm.runner.mixed = lambda b: _kept(produced, mixed(b))
     sampled = SamplingParams(temperature=0.9, top_p=0.8, seed=11, max_tokens=9, repetition_penalty=1.2)
     llm.generate(["hello there the", "the cat sat on the mat and a dog"], sampled, use_tqdm=False)
     llm.generate(["xyz"], SamplingParams(temperature=0, max_tokens=5, logprobs=2), use_tqdm=False)
-    assert any(s.prefills for s in recorded) and any(s.decode for s in recorded)
+    assert any(s.mixed if mixed_step else s.prefills for s in recorded) and any(s.decode for s in recorded)
 
     for step in recorded:
         assert isinstance(step, StepInputs)
-        for batch in [*step.prefills, step.decode]:
+        for batch in [*step.prefills, step.decode, step.mixed]:
             if batch is None:
                 continue
-            assert isinstance(batch, (PrefillBatch, DecodeBatch)) and isinstance(batch.flags, SamplerFlags)
+            assert isinstance(batch, (PrefillBatch, DecodeBatch, MixedBatch)) and isinstance(batch.flags, SamplerFlags)
             assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(batch))
     wire = pickle.loads(pickle.dumps(recorded))  # what another process would receive
 
@@ -41,6 +44,8 @@ def test_step_inputs_are_plain_data_that_replay_on_another_runner(tiny_models):
     for step in wire:
         for batch in step.prefills:
             _kept(again, replay.prefill(batch))
+        if step.mixed is not None:
+            _kept(again, replay.mixed(step.mixed))
         if step.decode is not None:
             _kept(again, replay.decode(step.decode))
     assert len(again) == len(produced)
