@@ -43,7 +43,8 @@ class LLM:
     one device); data_parallel: replicas of the tensor-parallel group (data_parallel × tensor_parallel devices),
     each with its share of the batch and of the KV pages (the slots round up to a multiple of it).
     mixed_step: run a step's prefill chunks and decodes as one model call (weights read once per step);
-    False runs each prefill group and the decode as calls of their own.
+    off by default until its shapes are compiled before serving (see docs/benchmarks.md); False runs each
+    prefill group and the decode as calls of their own.
     `weight_bytes` says how many bytes the weights take on the device(s).
     """
 
@@ -67,7 +68,7 @@ class LLM:
         quant_embeddings: bool = False,
         tensor_parallel: int | None = None,
         data_parallel: int = 1,
-        mixed_step: bool = True,
+        mixed_step: bool = False,
         cluster: Cluster | None = None,
         progress: bool = True,
         loaded: LoadedModel | None = None,

@@ -151,6 +151,7 @@ def offline_throughput(batch: int, prompt_len: int, tokens: int, max_len: int, s
 def start_server(args) -> tuple[subprocess.Popen, str]:
     serve_args = ["--max-seqs", "32", "--max-model-len", str(args.max_model_len), "--log-level", "warning"]
     serve_args += ["--layers", args.layers, "--decode-steps", str(args.decode_steps)]
+    serve_args += ["--mixed-step"] if args.mixed_step else []
     try:
         return spawn_server(serve_args, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except RuntimeError as e:
@@ -202,7 +203,8 @@ def write_doc(text: str, args) -> None:
         f" on {os.cpu_count()} CPU cores; {args.tokens} output tokens per request, prompts of {args.prompt_len} "
         "tokens unless stated; streaming `/v1/completions` over loopback.",
         f"python scripts/bench_serving.py --tokens {args.tokens} --rounds {args.rounds} --rate {args.rate} "
-        f"--stagger {args.stagger} --decode-steps {args.decode_steps} --layers {args.layers} --pairs {args.pairs}",
+        f"--stagger {args.stagger} --decode-steps {args.decode_steps} --layers {args.layers} --pairs {args.pairs}"
+        + (" --mixed-step" if args.mixed_step else ""),
         text,
     )
 
@@ -217,6 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--layers", default="scan", choices=["scan", "unrolled"], help="the server's --layers")
     p.add_argument("--decode-steps", type=int, default=2, help="the server's --decode-steps")
+    p.add_argument("--mixed-step", action="store_true", help="the server runs prefill and decode as one mixed step")
     p.add_argument("--stagger", type=float, default=1.0, help="seconds between client starts, staggered loop")
     p.add_argument("--only", default="", help="run only the workloads whose name contains this (no doc update)")
     p.add_argument("--pairs", type=int, default=3, help="back-to-back 1-client/32-client pairs for the ratio")

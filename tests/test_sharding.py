@@ -338,6 +338,7 @@ if which == "tiny":
     assert gathered_logits(llm, SamplingParams(temperature=0, max_tokens=6)) == []
     assert gathered_logits(llm, SamplingParams(temperature=0.8, top_k=5, seed=1, max_tokens=6))
     same_run(one, LLM(folder, tensor_parallel=2, scan_layers=False, progress=False), prompts)  # per-layer params
+    same_run(one, LLM(folder, tensor_parallel=2, mixed_step=True, token_budget=8, progress=False), prompts)
     check_data_parallel(one, LLM(folder, tensor_parallel=2, data_parallel=2, progress=False), prompts)
     check_data_parallel(one, LLM(folder, tensor_parallel=4, data_parallel=2, progress=False), prompts)  # KV copies
     check_data_parallel_workload(folder)

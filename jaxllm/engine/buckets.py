@@ -24,6 +24,12 @@ def seq_buckets(max_len: int, minimum: int = 16) -> list[int]:
     return out + [max_len]
 
 
+def token_bucket(n: int, minimum: int = 16, step: int = 256) -> int:
+    """Flat token-count bucket of a mixed step: the power of two >= n (at least `minimum`) up to `step`, then
+    the next multiple of `step` (a chunk of 256 beside a few decodes pads to 512, not 1024)."""
+    return next_pow2(n, minimum) if n <= step else -(-n // step) * step
+
+
 def attn_bucket(n: int, max_len: int, minimum: int = 64) -> int:
     """How many cache slots a decode step attends to: the power of two >= n (>= minimum), <= max_len."""
     return min(next_pow2(n, minimum), max_len)

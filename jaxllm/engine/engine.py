@@ -65,7 +65,7 @@ class Engine:
         page_size: int = 16,
         kv_cache_memory: float | None = None,
         prefix_caching: bool = True,
-        mixed_step: bool = True,
+        mixed_step: bool = False,
     ):
         self.runner, self.tokenizer = runner, tokenizer
         self.cfg = runner.cfg
@@ -292,7 +292,7 @@ class Engine:
         assert plan.decode_steps == 1 or not plan.decodes, "a mixed step decodes one token per sequence"
         entries = [(s, None) for s in plan.decodes] + [(c.seq, c) for c in plan.prefills]
         n_tokens = len(plan.decodes) + sum(c.end - c.start for c in plan.prefills)
-        t = buckets.seq_bucket(n_tokens, buckets.next_pow2(self.scheduler.token_budget + self.runner.slots))
+        t = buckets.token_bucket(n_tokens)
         n = buckets.batch_bucket(len(entries), self.runner.slots)
         # context attended: every decode's tokens so far, every chunk's cached prefix and itself
         longest = max([s.num_tokens + s.inflight for s in plan.decodes] + [c.end for c in plan.prefills])

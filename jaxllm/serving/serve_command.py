@@ -53,6 +53,12 @@ def add_parser(sub, positive) -> None:
         help="KV cache budget in GiB (default: 90%% of free device memory on GPU, 4 GiB on the CPU)",
     )
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached pages of shared prefixes")
+    p.add_argument(
+        "--mixed-step",
+        action="store_true",
+        help="run a step's prefill chunks and decodes as one model call (experimental: its shapes are not all "
+        "compiled before serving yet)",
+    )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")
     p.add_argument("--chat-template", default=None, metavar="FILE")
@@ -117,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         kv_cache_memory=args.kv_cache_memory,
         prefix_caching=not args.no_prefix_caching,
+        mixed_step=args.mixed_step,
         cluster=group,
     )
     if group is not None and not group.leader:  # followers replay process 0's steps; it serves HTTP

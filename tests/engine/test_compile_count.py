@@ -9,10 +9,12 @@ from jaxllm import LLM, SamplingParams
 
 
 def _shapes(llm) -> tuple[set, set]:
-    """Record the static shape of every mixed step and decode the engine dispatches."""
+    """Record the static shape of every prefill call or mixed step, and of every decode, the engine dispatches."""
     mixed, decode = set(), set()
 
     def on_step(inputs):
+        for b in inputs.prefills:
+            mixed.add((b.tokens.shape, b.ctx_len, b.flags))
         if inputs.mixed is not None:
             b = inputs.mixed
             mixed.add((b.tokens.shape[0], b.slots.shape[0], b.ctx_len, b.flags))
@@ -25,9 +27,10 @@ def _shapes(llm) -> tuple[set, set]:
 
 
 @pytest.mark.slow
-def test_twenty_prompt_lengths_compile_once_per_bucket(tiny_models):
+@pytest.mark.parametrize("mixed_step", [True, False], ids=["mixed", "separate"])
+def test_twenty_prompt_lengths_compile_once_per_bucket(tiny_models, mixed_step):
     folder, _ = tiny_models["llama"]
-    llm = LLM(str(folder), max_model_len=256, prefix_caching=False, progress=False)
+    llm = LLM(str(folder), max_model_len=256, prefix_caching=False, progress=False, mixed_step=mixed_step)
     llm.engine.reserve(1, 256)
     mixed, decode = _shapes(llm)
     lengths = [3 + 11 * i for i in range(20)]  # 3 .. 212
@@ -36,7 +39,8 @@ def test_twenty_prompt_lengths_compile_once_per_bucket(tiny_models):
         out = llm.generate([7] * n, params, use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 6
     assert len(mixed) < len(lengths) and len(decode) < len(lengths)
-    assert llm.runner.compiles["mixed"] == len(mixed) and llm.runner.compiles["decode"] == len(decode)
+    first = llm.runner.compiles["mixed" if mixed_step else "prefill"]
+    assert first == len(mixed) and llm.runner.compiles["decode"] == len(decode)
     before = dict(llm.runner.compiles)
     for n in lengths:  # the same shapes again: nothing new compiles
         llm.generate([9] * n, params, use_tqdm=False)
@@ -44,9 +48,10 @@ def test_twenty_prompt_lengths_compile_once_per_bucket(tiny_models):
 
 
 @pytest.mark.slow
-def test_prefix_hits_compile_once_per_length_and_context_bucket(tiny_models):
+@pytest.mark.parametrize("mixed_step", [True, False], ids=["mixed", "separate"])
+def test_prefix_hits_compile_once_per_length_and_context_bucket(tiny_models, mixed_step):
     folder, _ = tiny_models["llama"]
-    llm = LLM(str(folder), max_model_len=256, page_size=8, progress=False)
+    llm = LLM(str(folder), max_model_len=256, page_size=8, progress=False, mixed_step=mixed_step)
     llm.engine.reserve(1, 256)
     mixed, _ = _shapes(llm)
     lengths = [3 + 11 * i for i in range(20)]
@@ -55,7 +60,8 @@ def test_prefix_hits_compile_once_per_length_and_context_bucket(tiny_models):
         llm.generate([7] * n, params, use_tqdm=False)
     assert llm.engine.scheduler.pool.hits > 0
     # Twenty prompts, most of them only their uncached rest, fall into fewer buckets; each compiles once.
-    assert len(mixed) < len(lengths) and llm.runner.compiles["mixed"] == len(mixed)
+    first = llm.runner.compiles["mixed" if mixed_step else "prefill"]
+    assert len(mixed) < len(lengths) and first == len(mixed)
     before = dict(llm.runner.compiles)
     for n in lengths:
         llm.generate([7] * n, params, use_tqdm=False)
