@@ -25,6 +25,7 @@ from jaxllm.engine.runner import (
     StepInputs,
     flags_for,
     row_params,
+    two_variants,
 )
 from jaxllm.engine.scheduler import Plan, PrefillChunk, Scheduler
 from jaxllm.engine.sequence import Sequence, TokenLogprob, Update
@@ -347,7 +348,7 @@ class Engine:
             row_params(plist, seeds, n),
             bias,
             ctx,
-            flags_for(plist),
+            two_variants(plist),
         )
         return batch, owners
 

@@ -30,6 +30,7 @@ class RowParams:
     frequency_penalty: jax.Array
     min_tokens: jax.Array
     seed: jax.Array
+    logprobs: jax.Array  # bool: the row asked for logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,12 @@ class SamplerFlags:
     penalties: bool = False  # some row has repetition/presence/frequency penalties or a logit bias
     min_tokens: bool = False  # some row suppresses stop tokens for its first tokens
     logprobs: bool = False  # some row asked for logprobs
+
+    @classmethod
+    def every(cls) -> SamplerFlags:
+        """The one variant that serves any batch: each part runs only when some row of the batch needs it,
+        decided on device (`lax.cond`), so the choice costs no compile."""
+        return cls(True, True, True, True, True)
 
 
 def apply_penalties(logits, params: RowParams, prompt_mask, counts, bias):
@@ -115,24 +122,42 @@ def sample(
     """
     raw = logits
     if flags.penalties:
-        logits = apply_penalties(logits, params, prompt_mask, counts, bias)
+        seen = (params.repetition_penalty != 1) | (params.presence_penalty != 0) | (params.frequency_penalty != 0)
+        needed = jnp.any(seen) | jnp.any(bias != 0)
+        penalise = lambda x: apply_penalties(x, params, prompt_mask, counts, bias)
+        logits = jax.lax.cond(needed, penalise, lambda x: x, logits)
     if flags.min_tokens:
         early = (steps < params.min_tokens)[:, None]
         logits = jnp.where(early & stop_mask[None, :], NEG_INF, logits)
     greedy = first_argmax(logits)
     tokens = greedy
     if flags.sample:
-        temp = jnp.maximum(params.temperature, 1e-6)[:, None]
-        scaled = logits / temp
-        if flags.filters:
-            scaled = filter_logits(scaled, params.top_k, params.top_p, params.min_p)
-        keys = row_keys(params.seed, steps)
-        drawn = jax.vmap(gumbel_sample)(keys, scaled)
-        tokens = jnp.where(params.temperature > 0, drawn, greedy)
+        hot = params.temperature > 0
+
+        def draw(logits):
+            scaled = logits / jnp.maximum(params.temperature, 1e-6)[:, None]
+            if flags.filters:
+                filtered = hot & ((params.top_k > 0) | (params.top_p < 1) | (params.min_p > 0))
+                limit = lambda x: filter_logits(x, params.top_k, params.top_p, params.min_p)
+                scaled = jax.lax.cond(jnp.any(filtered), limit, lambda x: x, scaled)
+            drawn = jax.vmap(gumbel_sample)(row_keys(params.seed, steps), scaled)
+            return jnp.where(hot, drawn, greedy)
+
+        tokens = jax.lax.cond(jnp.any(hot), draw, lambda _: greedy, logits)
     info = None
     if flags.logprobs:
-        logp = jax.nn.log_softmax(raw, axis=-1)
-        chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-        top_lp, top_ids = jax.lax.top_k(logp, MAX_TOP_LOGPROBS)
-        info = (chosen, top_ids.astype(jnp.int32), top_lp)
+
+        def logprobs(raw):
+            logp = jax.nn.log_softmax(raw, axis=-1)
+            chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+            top_lp, top_ids = jax.lax.top_k(logp, MAX_TOP_LOGPROBS)
+            return chosen, top_ids.astype(jnp.int32), top_lp
+
+        rows = raw.shape[0]
+        nothing = lambda _: (
+            jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, MAX_TOP_LOGPROBS), jnp.int32),
+            jnp.zeros((rows, MAX_TOP_LOGPROBS), jnp.float32),
+        )
+        info = jax.lax.cond(jnp.any(params.logprobs), logprobs, nothing, raw)
     return tokens, info

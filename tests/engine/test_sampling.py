@@ -157,3 +157,46 @@ def test_logprobs_are_log_softmax_of_raw_logits():
 def test_invalid_values_raise_a_typed_error(kwargs):
     with pytest.raises(InvalidSamplingParamsError):
         SamplingParams(**kwargs)
+
+
+BATCHES = {
+    "greedy": [SamplingParams(temperature=0)] * 3,
+    "greedy with logprobs": [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0)],
+    "sampled, some filtered": [
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=1.1, top_k=5, top_p=0.9),
+        SamplingParams(temperature=0),
+    ],
+    "penalties and min_tokens": [
+        SamplingParams(temperature=0, repetition_penalty=1.4, frequency_penalty=0.6, logit_bias={3: 4.0}),
+        SamplingParams(temperature=0.7, presence_penalty=0.9, min_tokens=9, logprobs=2),
+    ],
+}
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_the_one_runtime_variant_samples_what_each_batchs_own_variant_does(batch):
+    from jaxllm.engine.runner import two_variants
+
+    plist = BATCHES[batch]
+    rng = np.random.default_rng(1)
+    n, v = len(plist), 64
+    logits = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32) * 3)
+    rp = _rp(*plist, seeds=list(range(7, 7 + n)))
+    steps = jnp.arange(n, dtype=jnp.int32)
+    mask = jnp.asarray(rng.random((n, v)) < 0.2)
+    counts = jnp.asarray(rng.integers(0, 3, (n, v)).astype(np.int32))
+    bias = np.zeros((n, v), np.float32)
+    for i, p in enumerate(plist):
+        for tok, b in p.logit_bias.items():
+            bias[i, tok] = b
+    stop = jnp.zeros((v,), bool).at[jnp.argmax(logits, -1)].set(True)
+    kw = dict(prompt_mask=mask, counts=counts, bias=jnp.asarray(bias), stop_mask=stop)
+    own, own_info = sample(logits, rp, steps, flags_for(plist), **kw)
+    every, every_info = jax.jit(lambda lg: sample(lg, rp, steps, SamplerFlags.every(), **kw))(logits)
+    np.testing.assert_array_equal(np.asarray(own), np.asarray(every))
+    assert (own_info is None) == (not any(p.logprobs is not None for p in plist))
+    if own_info is not None:
+        for a, b in zip(own_info, every_info, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert two_variants(plist) == (SamplerFlags() if batch == "greedy" else SamplerFlags.every())
