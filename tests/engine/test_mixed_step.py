@@ -36,8 +36,9 @@ def _run(folder, mixed: bool, tight: bool, scan_layers: bool):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tight", [False, True], ids=["roomy", "preempting"])
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+@pytest.mark.parametrize(
+    ("scan_layers", "tight"), [(True, True), (False, False)], ids=["scan-preempting", "unrolled-roomy"]
+)
 def test_mixed_steps_generate_what_separate_prefill_and_decode_calls_do(tiny_models, tight, scan_layers):
     folder = str(tiny_models["llama"][0])
     ids_sep, lp_sep, _, steps_sep = _run(folder, False, tight, scan_layers)
