@@ -123,19 +123,16 @@ def paged_attention(
 def _paged_attention(
     q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window, impl, *, interpret, layer
 ):
-    chosen = impl or os.environ.get("JAXLLM_ATTENTION")  # asked for by name: no fallback
-    impl = impl or default_impl()
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention implementation {impl!r}: use one of {', '.join(IMPLS)}")
+    impl, chosen = _resolve(impl)
     if impl == "native" and k_pages is not None and q.shape[1] == 1 and (chosen or native_paged.available()):
-        try:
-            return native_paged.native_decode_attention(
+        out = _native_or_none(
+            chosen,
+            lambda: native_paged.native_decode_attention(
                 q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window, layer
-            )
-        except ValueError as e:  # dtypes it does not take (raised while tracing)
-            if chosen:
-                raise
-            _warn_fallback("native", str(e))
+            ),
+        )
+        if out is not None:
+            return out
     if layer is not None and k_pages is not None:  # the others read one layer's pool
         k_pages, v_pages = k_pages[layer], v_pages[layer]
     if impl in ("reference", "native"):
@@ -185,11 +182,11 @@ def _ragged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens,
 
 def _ragged_local(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, ragged, sliding_window, impl, layer):
     """One device's ragged attention: q [tokens, q_heads, head_dim] -> the same shape."""
-    chosen = impl or os.environ.get("JAXLLM_ATTENTION")
-    impl = impl or default_impl()
+    impl, chosen = _resolve(impl)
     if impl == "native" and (chosen or native_paged.available()):
-        try:
-            return native_paged.native_paged_attention(
+        out = _native_or_none(
+            chosen,
+            lambda: native_paged.native_paged_attention(
                 q,
                 k_new,
                 v_new,
@@ -201,11 +198,10 @@ def _ragged_local(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, rag
                 ragged.seq_ids,
                 sliding_window,
                 layer,
-            )
-        except ValueError as e:  # dtypes it does not take (raised while tracing)
-            if chosen:
-                raise
-            _warn_fallback("native", str(e))
+            ),
+        )
+        if out is not None:
+            return out
     if layer is not None:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
     return reference.ragged_paged_attention(
@@ -222,6 +218,27 @@ def _ragged_local(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, rag
         ragged.max_q_len,
         sliding_window,
     )
+
+
+def _resolve(impl: str | None) -> tuple[str, str | None]:
+    """(the implementation to run, the one asked for by name or None): one asked for by name never falls back."""
+    chosen = impl or os.environ.get("JAXLLM_ATTENTION")
+    impl = impl or default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}: use one of {', '.join(IMPLS)}")
+    return impl, chosen
+
+
+def _native_or_none(chosen: str | None, call):
+    """call() (a native kernel), or None after a logged warning when it refuses the inputs (dtypes it does not
+    take, raised while tracing) and was not asked for by name."""
+    try:
+        return call()
+    except ValueError as e:
+        if chosen:
+            raise
+        _warn_fallback("native", str(e))
+        return None
 
 
 @functools.cache
