@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxllm.distributed import peer_failure
 from jaxllm.engine import buckets
@@ -27,9 +29,12 @@ from jaxllm.engine.runner import (
     row_params,
     two_variants,
 )
+from jaxllm.engine.sampling import SamplerFlags
 from jaxllm.engine.scheduler import Plan, PrefillChunk, Scheduler
 from jaxllm.engine.sequence import Sequence, TokenLogprob, Update
+from jaxllm.engine.surface import DecodeShape, MixedShape, Surface
 from jaxllm.errors import ContextLengthError, InvalidRequestError, JaxLLMError
+from jaxllm.kernels import reads_to_length
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import Tokenizer
 
@@ -84,7 +89,13 @@ class Engine:
                 f"the KV cache budget holds {self.max_pages // self.replicas * page_size} tokens{per}, fewer than "
                 f"one sequence of max_model_len={max_model_len}: raise kv_cache_memory or lower max_model_len"
             )
-        self.scheduler = Scheduler(0, token_budget, max_waiting, runner.decode_steps)
+        if self.mixed_step and token_budget < max_num_seqs:
+            raise InvalidRequestError(
+                f"token_budget={token_budget} is below max_num_seqs={max_num_seqs}: a mixed step holds a token of "
+                "every decoding sequence, so raise the budget (--max-num-batched-tokens) or lower max_num_seqs"
+            )
+        self.scheduler = Scheduler(0, token_budget, max_waiting, runner.decode_steps, mixed=self.mixed_step)
+        self.surface = self._surface()
         self.prefilled_tokens = 0  # prompt tokens computed so far (for tests and metrics)
         self._inflight: _Dispatched | None = None
         self._rng = np.random.default_rng()
@@ -160,6 +171,35 @@ class Engine:
         self.runner.allocate(slots, pages, self.page_size)
         pools = [PagePool(pages // n, self.page_size, self.prefix_caching) for _ in range(n)]
         self.scheduler.resize(slots, pools)
+        self.surface = self._surface()
+
+    def _surface(self) -> Surface:
+        """The shapes the mixed and decode steps take for the slots allocated now."""
+        return Surface(
+            max(self.runner.slots, self.replicas),
+            self.max_model_len,
+            self.scheduler.token_budget,
+            self.runner.decode_steps,
+            self.replicas,
+            self.mixed_step,
+            fixed_context=reads_to_length(ragged=True),
+            fixed_decode_context=reads_to_length(ragged=False),
+        )
+
+    def warmup(self, progress: bool = False) -> tuple[int, float]:
+        """Compile every shape of the surface (the mixed steps when `mixed_step`, and the decode dispatches)
+        ahead of time, without running them; the persistent compilation cache, when on, keeps them for the
+        next start. Returns (shapes compiled, seconds)."""
+        start = time.perf_counter()
+        if self.runner.cache is None:
+            self.reserve(self.max_num_seqs, self.max_model_len)
+        surface = self.surface
+        jobs = [("decode", self._decode_batch(shape, {})) for shape in surface.decode_shapes()]
+        if self.mixed_step:
+            jobs = [("mixed", self._mixed_batch(shape, [], 0)[0]) for shape in surface.mixed_shapes()] + jobs
+        for kind, batch in tqdm(jobs, desc="Compiling steps", unit="shape", disable=not progress):
+            self.runner.compile(kind, batch)
+        return len(jobs), time.perf_counter() - start
 
     # ---- stepping -------------------------------------------------------------------------------
     def step(self) -> list[Update]:
@@ -274,37 +314,51 @@ class Engine:
         """The decode dispatch: the first R slots of each replica (R covering its highest busy slot), replica by
         replica, so row r * R + i is slot r * slots_per_replica + i."""
         per = self.runner.slots_per_replica
-        r_rows = buckets.batch_bucket(max(s.slot % per for s in seqs) + 1, per)
-        rows = r_rows * self.replicas
+        r_rows = self.surface.rows(max(s.slot % per for s in seqs) + 1)
         by_row = {s.slot // per * r_rows + s.slot % per: s for s in seqs}
-        plist = [by_row.get(i) for i in range(rows)]
+        longest = max(s.num_tokens + s.inflight for s in seqs)
+        every = two_variants([s.params for s in seqs]) != SamplerFlags()
+        shape = DecodeShape(r_rows * self.replicas, self.surface.context(longest, decode=True), steps, every)
+        return self._decode_batch(shape, by_row), by_row
+
+    def _decode_batch(self, shape: DecodeShape, by_row: dict[int, Sequence]) -> DecodeBatch:
+        """A decode dispatch of this shape, sequences at the given rows (the others are padding)."""
+        plist = [by_row.get(i) for i in range(shape.rows)]
         params = [s.params if s else None for s in plist]
         seeds = [s.seed if s else 0 for s in plist]
         active = np.array([s is not None for s in plist])
-        longest = max(s.num_tokens + s.inflight for s in seqs)
-        attn = buckets.attn_bucket(longest, self.max_model_len)
-        table = self._block_tables(plist, rows, attn)
-        batch = DecodeBatch(row_params(params, seeds, rows), active, table, rows, attn, steps, flags_for(params))
-        return batch, by_row
+        table = self._block_tables(plist, shape.rows, shape.context)
+        flags = SamplerFlags.every() if shape.every else SamplerFlags()
+        return DecodeBatch(
+            row_params(params, seeds, shape.rows), active, table, shape.rows, shape.context, shape.steps, flags
+        )
 
     def _mixed(self, plan: Plan) -> tuple[MixedBatch, dict[int, Sequence]]:
         """The plan's decodes (one step each) and prefill chunks as one flat run of tokens: decodes first, one
-        token each, then each chunk's tokens; padded to bucketed token and sequence counts."""
+        token each, then each chunk's tokens; padded to a shape of the surface."""
         assert plan.decode_steps == 1 or not plan.decodes, "a mixed step decodes one token per sequence"
         entries = [(s, None) for s in plan.decodes] + [(c.seq, c) for c in plan.prefills]
         n_tokens = len(plan.decodes) + sum(c.end - c.start for c in plan.prefills)
-        t = buckets.token_bucket(n_tokens)
-        n = buckets.batch_bucket(len(entries), self.runner.slots)
         # context attended: every decode's tokens so far, every chunk's cached prefix and itself
         longest = max([s.num_tokens + s.inflight for s in plan.decodes] + [c.end for c in plan.prefills])
-        ctx = buckets.attn_bucket(longest, self.max_model_len)
+        surface = self.surface
+        every = two_variants([s.params for s, _ in entries]) != SamplerFlags()
+        shape = MixedShape(surface.tokens(n_tokens), surface.seqs(len(entries)), surface.context(longest), every)
+        return self._mixed_batch(shape, entries, n_tokens)
+
+    def _mixed_batch(self, shape: MixedShape, entries: list, n_tokens: int) -> tuple[MixedBatch, dict[int, Sequence]]:
+        """A mixed step of this shape over `entries` ((sequence, None) for a decode, (sequence, chunk) for a
+        prefill chunk; n_tokens in all), and which sequence each sampled row belongs to. Padding sequences
+        have no tokens and write nowhere. The prefix-cache tokens (`prior`, for penalties) come only with the
+        variant that applies penalties."""
+        t, n = shape.tokens, shape.seqs
         tokens, positions = np.zeros((t,), np.int32), np.zeros((t,), np.int32)
         seq_ids = np.full((t,), n, np.int32)
         decoding, fresh, sample = np.zeros((n,), bool), np.ones((n,), bool), np.zeros((n,), bool)
         q_starts, q_lens = np.full((n,), n_tokens, np.int32), np.zeros((n,), np.int32)
         ctx_lens, prompt_lens, out_steps = np.zeros((n,), np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.int32)
         slots = np.full((n,), self.runner.slots, np.int32)  # padding sequences write nowhere
-        prior = np.full((n, ctx), self.cfg.vocab_size, np.int32)
+        prior = np.full((n, shape.context if shape.every else 0), self.cfg.vocab_size, np.int32)
         bias = np.zeros((n, self.cfg.vocab_size), np.float32)
         owners, at = {}, 0
         for i, (s, c) in enumerate(entries):
@@ -320,7 +374,7 @@ class Engine:
                 seq_ids[at : at + size] = i
                 q_lens[i], ctx_lens[i], fresh[i], sample[i] = size, c.start, c.first, c.last
                 out_steps[i] = s.prefill_len - len(s.prompt_ids)
-                if c.first:
+                if c.first and prior.shape[1]:
                     prior[i, : c.start] = ids[: c.start]
                 for tok, b in s.params.logit_bias.items():
                     bias[i, tok] = b
@@ -329,7 +383,7 @@ class Engine:
                 owners[i] = s
         plist = [s.params for s, _ in entries]
         seeds = [s.seed for s, _ in entries]
-        table = self._block_tables([s for s, _ in entries] + [None] * (n - len(entries)), n, ctx)
+        table = self._block_tables([s for s, _ in entries] + [None] * (n - len(entries)), n, shape.context)
         batch = MixedBatch(
             tokens,
             positions,
@@ -347,8 +401,8 @@ class Engine:
             table,
             row_params(plist, seeds, n),
             bias,
-            ctx,
-            two_variants(plist),
+            shape.context,
+            SamplerFlags.every() if shape.every else SamplerFlags(),
         )
         return batch, owners
 

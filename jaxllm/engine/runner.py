@@ -263,6 +263,15 @@ class ModelRunner:
             )
         return toks, info
 
+    def compile(self, kind: str, batch):
+        """Compile the `kind` step ('prefill', 'decode' or 'mixed') for this batch's shapes ahead of time,
+        without running it: a later call with the same shapes runs the compiled executable at once."""
+        if self.channel is not None:
+            self.channel.send("compile", kind, batch)
+        step = {"prefill": self._prefill, "decode": self._decode, "mixed": self._mixed}[kind]
+        with placed(self.placement):
+            step.lower(self.params, self.cache, self.state, batch, self.stop_mask).compile()
+
     def mixed(self, batch: MixedBatch):
         """Run decodes and prefill chunks as one model call (weights read once) and sample a token for each
         sequence due one; returns device arrays (tokens [seqs], logprob info) without waiting for them."""
@@ -304,9 +313,15 @@ class ModelRunner:
         rows = jnp.arange(n_seqs)[:, None]
         prior_in_prompt = jnp.arange(batch.prior.shape[1])[None] < batch.prompt_lens[:, None]
         prompt_mask = jnp.where(carried, state.prompt_mask[slot], False)
-        prompt_mask = prompt_mask.at[rows, jnp.where(prior_in_prompt, batch.prior, vocab)].set(True, mode="drop")
         counts = jnp.where(carried, state.counts[slot], 0)
-        counts = counts.at[rows, jnp.where(prior_in_prompt, vocab, batch.prior)].add(1, mode="drop")
+
+        def add_prior(mc):  # only a first chunk after a prefix-cache hit has prior tokens
+            m, c = mc
+            m = m.at[rows, jnp.where(prior_in_prompt, batch.prior, vocab)].set(True, mode="drop")
+            return m, c.at[rows, jnp.where(prior_in_prompt, vocab, batch.prior)].add(1, mode="drop")
+
+        has_prior = jnp.any(batch.fresh & (batch.ctx_lens > 0) & ~batch.decoding)
+        prompt_mask, counts = jax.lax.cond(has_prior, add_prior, lambda mc: mc, (prompt_mask, counts))
         chunk_token = real & ~decode
         in_prompt = positions < batch.prompt_lens[seq]
         at = lambda keep: jnp.where(keep, tokens, vocab)

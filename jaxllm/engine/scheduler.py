@@ -3,9 +3,15 @@
 There are no phases: every sequence has tokens computed (in the KV cache) and tokens it needs; each
 step hands out a token budget. Running sequences that are fully prefilled decode; the budget
 prefills prompts in chunks, first for sequences already holding a slot, then for new ones admitted
-first come, first served while slots and pages are free. Decodes do not draw on the budget: they run
-as their own compiled call, whose cost hardly depends on the prefill beside it, and charging them
-would cut a prompt that just fits the budget into two chunks whenever anything else is decoding.
+first come, first served while slots and pages are free.
+
+How decodes and chunks share the budget depends on how the engine runs them (`mixed`):
+- mixed (one model call over decodes and chunks, as vLLM v1 plans): each decode takes one token of the
+  budget first, and chunks fill the rest exactly, so that a step never holds more than the budget's tokens
+  (the largest compiled shape);
+- separate (prefill calls of power-of-two lengths beside a decode call): decodes do not draw on the budget,
+  since their call's cost hardly depends on the prefill beside it, and a chunk cut from a longer prompt is a
+  power of two (its own length bucket).
 
 KV memory comes in pages from a `PagePool`. A new sequence starts from the longest prefix of its
 prompt already cached and prefills only the rest. When the pool runs dry, the newest running
@@ -61,7 +67,8 @@ class Plan:
 class Scheduler:
     """FCFS admission into `max_seqs` slots and the pool's pages, chunked prefill under `token_budget`,
     decode of the rest, preemption of the newest when pages run out. `pool`: one PagePool, or a list of one
-    per data-parallel replica (then the replicas share the slots evenly)."""
+    per data-parallel replica (then the replicas share the slots evenly). `mixed`: decodes and chunks share
+    the budget (see the module docstring)."""
 
     def __init__(
         self,
@@ -70,8 +77,10 @@ class Scheduler:
         max_waiting: int | None = None,
         decode_steps: int = 1,
         pool: PagePool | list[PagePool] | None = None,
+        mixed: bool = False,
     ):
         self.token_budget, self.max_waiting, self.decode_steps = token_budget, max_waiting, decode_steps
+        self.mixed = mixed
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}
         self.preemptions = 0
@@ -145,7 +154,9 @@ class Scheduler:
         for seq in self._to_register:
             self._register(seq, seq.num_computed)
         busy = self.waiting or any(not s.prefilled for s in self.running.values())
-        steps = 1 if busy else self.decode_steps
+        # Mixed: prompts join through the mixed step (one decode step beside them), so a plan of decodes alone
+        # runs them all (pages are grown for that before knowing whether chunks join).
+        steps = self.decode_steps if self.mixed or not busy else 1
         decodes = []
         for s in self._by_age(lambda s: s.prefilled and not s.finished and s.wants_more()):
             # This step writes positions up to num_tokens + inflight + steps - 2, of which those past
@@ -153,7 +164,9 @@ class Scheduler:
             useful = min(s.inflight + steps, s.remaining())
             if s.slot is not None and self._grow(s, s.num_tokens + useful - 1):
                 decodes.append(s)
-        budget = self.token_budget
+        # A mixed step holds the decodes too: they come first (unless one is preempted below, the step's
+        # tokens stay within the budget either way).
+        budget = self.token_budget - (len(decodes) if self.mixed else 0)
         prefills = []
         for s in self._by_age(lambda s: not s.prefilled):
             if budget <= 0:
@@ -169,6 +182,8 @@ class Scheduler:
             prefills.append(chunk)
             budget -= chunk.end - chunk.start
         decodes = [s for s in decodes if s.slot is not None]  # drop any preempted by a later prefill
+        if self.mixed and prefills:
+            steps = 1
         for s in decodes:
             s.inflight += steps
         self._to_register = [c.seq for c in prefills if c.seq.slot is not None]
@@ -226,10 +241,11 @@ class Scheduler:
         return r, cached, pending
 
     def _chunk(self, s: Sequence, budget: int, preempt: bool) -> PrefillChunk | None:
-        """The next chunk of s: all of the rest if it fits the budget, else a power of two within it; None
-        when its pages cannot be had (after preempting newer sequences, if allowed)."""
+        """The next chunk of s: all of the rest if it fits the budget, else as much as fits (mixed) or a power
+        of two within it; None when its pages cannot be had (after preempting newer sequences, if allowed)."""
         rest = s.prefill_len - s.num_computed
-        size = rest if rest <= budget else 1 << (budget.bit_length() - 1)
+        size = rest if rest <= budget or self.mixed else 1 << (budget.bit_length() - 1)
+        size = min(size, budget)
         end = s.num_computed + size
         if not (self._grow(s, end) if preempt else self._extend(s, end)):
             return None

@@ -5,6 +5,6 @@ for single-token steps), the native C++ decode kernel on the CPU (the reference 
 the `jax.numpy` reference wherever neither applies.
 """
 
-from jaxllm.kernels.attention import Ragged, paged_attention
+from jaxllm.kernels.attention import Ragged, paged_attention, reads_to_length
 
-__all__ = ["Ragged", "paged_attention"]
+__all__ = ["Ragged", "paged_attention", "reads_to_length"]

@@ -33,19 +33,27 @@ def create_app(
     max_body_bytes: int = 4 * 2**20,
     shutdown_timeout: float = 30.0,
     warmup: bool = True,
+    warmup_progress: bool = False,
 ) -> Starlette:
-    """An OpenAI-compatible app serving `llm`; the engine thread lives as long as the app's lifespan."""
+    """An OpenAI-compatible app serving `llm`; the engine thread lives as long as the app's lifespan. `warmup`:
+    compile every step shape before /health turns 200 (with a progress bar on stderr when `warmup_progress`)."""
     names = served_model_name or [llm.loaded.name]
     state = ServerState(
         llm, None, [names] if isinstance(names, str) else list(names), Metrics(), max_body_bytes, api_key
     )
 
     def prepare() -> None:
-        """Compile the common steps and start the engine thread (off the event loop: /health says 503 meanwhile)."""
+        """Compile every step shape the engine will run, then start the engine thread (off the event loop:
+        /health says 503 meanwhile)."""
         engine = AsyncEngine(llm.engine)
         if warmup:
             engine.engine.reserve(llm.engine.max_num_seqs, llm.max_model_len)
-            engine.warmup(llm.tokenizer.encode("Hello, warm-up.") or [0])
+            shapes, seconds = engine.engine.warmup(progress=warmup_progress)
+            if not llm.engine.mixed_step:  # separate prefill calls: their shapes are not enumerated; the common ones
+                engine.warmup(llm.tokenizer.encode("Hello, warm-up.") or [0])
+            state.metrics.warmup_seconds.set(seconds)
+            state.metrics.compiled_shapes.set(shapes)
+            log.info("compiled %d step shapes in %.1f s before serving", shapes, seconds)
         engine.start()
         state.engine, state.ready = engine, True
 

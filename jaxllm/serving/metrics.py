@@ -31,6 +31,8 @@ class Metrics:
         self.preemptions = Gauge("jaxllm_preemptions", "Sequences preempted for lack of KV pages so far", registry=r)
         self.prefix_queries = Gauge("jaxllm_prefix_cache_queries", "Prompt pages looked up so far", registry=r)
         self.prefix_hits = Gauge("jaxllm_prefix_cache_hits", "Prompt pages found in the cache so far", registry=r)
+        self.warmup_seconds = Gauge("jaxllm_warmup_seconds", "Seconds spent compiling steps before serving", registry=r)
+        self.compiled_shapes = Gauge("jaxllm_warmup_compiled_shapes", "Step shapes compiled before serving", registry=r)
 
     def render(self, stats) -> bytes:
         self.queue_depth.set(stats.waiting)

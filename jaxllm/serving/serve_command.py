@@ -32,10 +32,13 @@ def add_parser(sub, positive) -> None:
     )
     p.add_argument("--max-waiting", type=positive, default=256, help="waiting-queue limit; beyond it: 429")
     p.add_argument(
+        "--max-num-batched-tokens",
         "--token-budget",
+        dest="token_budget",
         type=positive,
         default=512,
-        help="prompt tokens prefilled per step (decodes run beside them); longer prompts are prefilled in chunks",
+        help="tokens one step computes: with --mixed-step the decodes' and the prompt chunks' (it bounds the "
+        "compiled shapes); else the prompt tokens prefilled beside the decodes. Longer prompts go in chunks",
     )
     p.add_argument(
         "--decode-steps",
@@ -56,8 +59,7 @@ def add_parser(sub, positive) -> None:
     p.add_argument(
         "--mixed-step",
         action="store_true",
-        help="run a step's prefill chunks and decodes as one model call (experimental: its shapes are not all "
-        "compiled before serving yet)",
+        help="run a step's prefill chunks and decodes as one model call (weights read once per step)",
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")
@@ -137,6 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
         warmup=not args.no_warmup,
+        warmup_progress=True,
     )
     uvicorn.run(
         app,

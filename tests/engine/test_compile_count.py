@@ -66,3 +66,80 @@ def test_prefix_hits_compile_once_per_length_and_context_bucket(tiny_models, mix
     for n in lengths:
         llm.generate([7] * n, params, use_tqdm=False)
     assert dict(llm.runner.compiles) == before
+
+
+def _random_params(rng) -> SamplingParams:
+    """One of the sampling modes a server meets, drawn at random."""
+    mode = rng.integers(7)
+    base = dict(max_tokens=int(rng.integers(1, 24)), ignore_eos=bool(rng.integers(2)))
+    return SamplingParams(
+        **base,
+        **[
+            dict(temperature=0),
+            dict(temperature=0.8, top_p=0.9, seed=int(rng.integers(1000))),
+            dict(temperature=1.0, top_k=5, min_p=0.05),
+            dict(temperature=0, logprobs=int(rng.integers(0, 4))),
+            dict(temperature=0.7, repetition_penalty=1.2, presence_penalty=0.5, logit_bias={5: 2.0}),
+            dict(temperature=0, min_tokens=3, frequency_penalty=0.3, stop_token_ids=[7, 11], stop=["x"]),
+            dict(temperature=0.9, n=int(rng.integers(2, 4)), logprobs=1),
+        ][mode],
+    )
+
+
+@pytest.mark.slow
+def test_after_warmup_a_random_serving_workload_compiles_nothing(tiny_models):
+    """Arrivals over time, prompts of 1-2,000 tokens (some sharing prefixes), n, every sampling mode, logprobs,
+    penalties, stops, cancellations and preemption: after `warmup`, no step compiles anything."""
+    import jax
+    import numpy as np
+
+    from jaxllm.engine.kv_cache import bytes_per_token
+
+    folder, _ = tiny_models["llama"]
+    cfg = LLM(str(folder), progress=False).config
+    pages = 300  # 4,800 tokens for 4 sequences of up to 2,048: long prompts preempt each other
+    llm = LLM(
+        str(folder),
+        max_model_len=2048,
+        max_num_seqs=4,
+        token_budget=256,
+        decode_steps=2,
+        mixed_step=True,
+        kv_cache_memory=pages * 16 * bytes_per_token(cfg, "float32") / 2**30,
+        progress=False,
+    )
+    engine = llm.engine
+    shapes, seconds = engine.warmup()
+    assert shapes == len(engine.surface.mixed_shapes()) + len(engine.surface.decode_shapes()) and seconds > 0
+    assert dict(llm.runner.compiles) == {"mixed": len(engine.surface.mixed_shapes()), "decode": 12 // 2}
+
+    # Every compilation XLA runs, or looks up in the persistent cache (which the tests share), is an event.
+    compiled, listening = [], [True]
+    watched = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/compile_requests_use_cache")
+
+    def on_event(event, *args, **kwargs):
+        if listening[0] and event in watched:
+            compiled.append(event)
+
+    jax.monitoring.register_event_listener(on_event)
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    rng = np.random.default_rng(0)
+    shared = rng.integers(3, cfg.vocab_size, 900).tolist()
+    arrivals, finished, aborted = 30, 0, 0
+    live: list[str] = []
+    while arrivals or engine.has_unfinished():
+        if arrivals and rng.random() < 0.3:
+            length = int(rng.integers(1, 2001))
+            prompt = rng.integers(3, cfg.vocab_size, length).tolist()
+            if rng.random() < 0.3:
+                prompt = shared[: min(length, len(shared))] + prompt[len(shared) :]
+            seqs = engine.add_request(prompt, _random_params(rng))
+            live.append(seqs[0].request_id)
+            arrivals -= 1
+        if live and rng.random() < 0.04:
+            aborted += bool(engine.abort(live.pop(int(rng.integers(len(live))))))
+        finished += sum(u.finished for u in engine.step())
+    listening[0] = False
+    assert compiled == [], f"{len(compiled)} compilations after warm-up"
+    assert dict(llm.runner.compiles) == {"mixed": len(engine.surface.mixed_shapes()), "decode": 6}
+    assert engine.scheduler.preemptions > 0 and aborted > 0 and finished > 0

@@ -47,6 +47,16 @@ def default_impl() -> str:
     return impl
 
 
+def reads_to_length(ragged: bool, impl: str | None = None) -> bool:
+    """Whether the attention chosen for decode (ragged=False) or for ragged batches reads each sequence's
+    pages only up to its length, so that a wider block table costs nothing: the native CPU kernel does both,
+    the Pallas decode kernel decode; the reference reads every page of the table."""
+    impl = impl or default_impl()
+    if impl == "native":
+        return native_paged.available()
+    return impl == "pallas" and not ragged
+
+
 def paged_attention(
     q,
     k_new,

@@ -1,0 +1,129 @@
+"""The compiled surface: every shape the engine's mixed and decode steps can take, enumerated in one place.
+
+A server must not compile while users wait (on a GPU a new shape costs seconds). The engine pads each
+mixed step and each decode dispatch to one of the shapes listed here, and `Engine.warmup` compiles all of
+them before serving. The configuration bounds the set:
+
+- mixed steps: token counts (powers of two from 16 up to 512, then multiples of 512, up to the token
+  budget, `--max-num-batched-tokens`) × sequence counts (1, 4, 16, 64, ... up to the slots) × the
+  sampler variant (plain greedy, or every part chosen on device);
+- decode dispatches: rows (powers of two up to the slots) × steps × the sampler variant. With the mixed
+  step, a dispatch of decodes alone always runs `decode_steps` (prompts join through mixed steps); with
+  separate prefill calls, 1 while prompts wait.
+
+The attended context is one static width (the whole `max_model_len`) when the attention kernel reads each
+sequence only up to its length, so the width costs nothing; otherwise it is bucketed too (powers of two
+from 64), multiplying the set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxllm.engine import buckets
+
+MIN_TOKENS = 16  # the smallest token bucket of a mixed step
+TOKEN_STEP = 512  # past this, token buckets grow in steps of it (a power of two past 512 would waste up to half)
+SEQ_GROWTH = 4  # sequence buckets of a mixed step grow 4x: sampling and the LM head are small beside the tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedShape:
+    """A mixed step's static shape: flat tokens, sequences, attended context (positions), sampler variant."""
+
+    tokens: int
+    seqs: int
+    context: int
+    every: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    """A decode dispatch's static shape: rows (over all replicas), attended context, steps, sampler variant."""
+
+    rows: int
+    context: int
+    steps: int
+    every: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Surface:
+    """The shapes of one configuration. slots: decode-state slots (over all replicas); token_budget: tokens a
+    mixed step holds at most (decodes and prefill chunks); mixed: prompts run in mixed steps; fixed_context,
+    fixed_decode_context: whether the mixed step's and the decode's attention read only to each sequence's
+    length (then one context width)."""
+
+    slots: int
+    max_model_len: int
+    token_budget: int
+    decode_steps: int
+    replicas: int = 1
+    mixed: bool = True
+    fixed_context: bool = True
+    fixed_decode_context: bool = True
+
+    # ---- bucketing: the shape a step pads to ----------------------------------------------------
+    def tokens(self, n: int) -> int:
+        """The token bucket of a mixed step of n tokens (n <= token_budget)."""
+        return next(b for b in self.token_buckets() if b >= n)
+
+    def seqs(self, n: int) -> int:
+        """The sequence bucket of a mixed step of n sequences (n <= slots)."""
+        return next(b for b in self.seq_buckets() if b >= n)
+
+    def rows(self, n: int) -> int:
+        """Decode rows per replica covering its first n slots."""
+        return buckets.batch_bucket(n, self.slots // self.replicas)
+
+    def context(self, longest: int, decode: bool = False) -> int:
+        """The attended context width for a step whose longest sequence attends `longest` positions."""
+        fixed = self.fixed_decode_context if decode else self.fixed_context
+        return self.max_model_len if fixed else buckets.attn_bucket(longest, self.max_model_len)
+
+    # ---- enumeration: every shape, for warm-up ------------------------------------------------------
+    def token_buckets(self) -> list[int]:
+        out, b = [], MIN_TOKENS
+        while b < min(self.token_budget, TOKEN_STEP):
+            out.append(b)
+            b *= 2
+        b = max(b, TOKEN_STEP)
+        while b < self.token_budget:
+            out.append(b)
+            b += TOKEN_STEP
+        return out + [max(self.token_budget, MIN_TOKENS)]
+
+    def seq_buckets(self) -> list[int]:
+        out, b = [], 1
+        while b < self.slots:
+            out.append(b)
+            b *= SEQ_GROWTH
+        return out + [self.slots]
+
+    def contexts(self, decode: bool = False) -> list[int]:
+        if self.fixed_decode_context if decode else self.fixed_context:
+            return [self.max_model_len]
+        return sorted({buckets.attn_bucket(n, self.max_model_len) for n in buckets.seq_buckets(self.max_model_len, 64)})
+
+    def mixed_shapes(self) -> list[MixedShape]:
+        """Every mixed step shape (a sequence holds at least one token: no more sequences than tokens)."""
+        return [
+            MixedShape(t, n, c, every)
+            for t in self.token_buckets()
+            for n in self.seq_buckets()
+            if n <= t
+            for c in self.contexts()
+            for every in (False, True)
+        ]
+
+    def decode_shapes(self) -> list[DecodeShape]:
+        per = self.slots // self.replicas
+        rows = sorted({buckets.batch_bucket(n, per) for n in range(1, per + 1)})
+        steps = [self.decode_steps] if self.mixed else sorted({1, self.decode_steps})
+        return [
+            DecodeShape(r * self.replicas, c, s, every)
+            for r in rows
+            for c in self.contexts(decode=True)
+            for s in steps
+            for every in (False, True)
+        ]
