@@ -23,6 +23,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,14 +149,22 @@ def offline_throughput(batch: int, prompt_len: int, tokens: int, max_len: int, s
     return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args) -> tuple[subprocess.Popen, str, float]:
+    """The server, its url, and the seconds from launch to a healthy /health (every step compiled; with
+    --cold-start, into an empty compilation cache)."""
     serve_args = ["--max-seqs", "32", "--max-model-len", str(args.max_model_len), "--log-level", "warning"]
     serve_args += ["--layers", args.layers, "--decode-steps", str(args.decode_steps)]
+    serve_args += ["--max-num-batched-tokens", str(args.token_budget)]
     serve_args += ["--mixed-step"] if args.mixed_step else []
+    env = dict(os.environ)
+    if args.cold_start:
+        env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxllm-bench-xla-")
+    start = time.perf_counter()
     try:
-        return spawn_server(serve_args, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc, url = spawn_server(serve_args, timeout=900, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     except RuntimeError as e:
         raise SystemExit(f"error: {e}") from None
+    return proc, url, time.perf_counter() - start
 
 
 async def warm(url, prompt_len, tokens):
@@ -203,8 +212,10 @@ def write_doc(text: str, args) -> None:
         f" on {os.cpu_count()} CPU cores; {args.tokens} output tokens per request, prompts of {args.prompt_len} "
         "tokens unless stated; streaming `/v1/completions` over loopback.",
         f"python scripts/bench_serving.py --tokens {args.tokens} --rounds {args.rounds} --rate {args.rate} "
-        f"--stagger {args.stagger} --decode-steps {args.decode_steps} --layers {args.layers} --pairs {args.pairs}"
-        + (" --mixed-step" if args.mixed_step else ""),
+        f"--stagger {args.stagger} --decode-steps {args.decode_steps} --layers {args.layers} --pairs {args.pairs} "
+        f"--token-budget {args.token_budget}"
+        + (" --mixed-step" if args.mixed_step else "")
+        + (" --cold-start" if args.cold_start else ""),
         text,
     )
 
@@ -220,12 +231,16 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default="scan", choices=["scan", "unrolled"], help="the server's --layers")
     p.add_argument("--decode-steps", type=int, default=2, help="the server's --decode-steps")
     p.add_argument("--mixed-step", action="store_true", help="the server runs prefill and decode as one mixed step")
+    p.add_argument("--token-budget", type=int, default=512, help="the server's --max-num-batched-tokens")
+    p.add_argument("--cold-start", action="store_true", help="start the server with an empty compilation cache")
     p.add_argument("--stagger", type=float, default=1.0, help="seconds between client starts, staggered loop")
     p.add_argument("--only", default="", help="run only the workloads whose name contains this (no doc update)")
     p.add_argument("--pairs", type=int, default=3, help="back-to-back 1-client/32-client pairs for the ratio")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    proc, url = (None, args.url) if args.url else start_server(args)
+    proc, url, healthy = (None, args.url, 0.0) if args.url else start_server(args)
+    if proc is not None:
+        print(f"start to healthy: {healthy:.1f} s ({'empty' if args.cold_start else 'persistent'} compilation cache)")
     try:
         asyncio.run(warm(url, args.prompt_len, args.tokens))
         workloads = {}
@@ -255,6 +270,9 @@ def main(argv=None) -> int:
         else offline_throughput(32, args.prompt_len, args.tokens, args.max_model_len, args.layers == "scan")
     )
     text = table({"runs": runs, "offline": offline, "pairs": pairs}, args)
+    if proc is not None:
+        cache = "an empty" if args.cold_start else "the persistent"
+        text += f"\n- start to healthy (every step shape compiled, {cache} compilation cache): **{healthy:.1f} s**"
     print(text)
     if not (args.no_write or args.only):
         write_doc(text, args)

@@ -89,11 +89,6 @@ class Engine:
                 f"the KV cache budget holds {self.max_pages // self.replicas * page_size} tokens{per}, fewer than "
                 f"one sequence of max_model_len={max_model_len}: raise kv_cache_memory or lower max_model_len"
             )
-        if self.mixed_step and token_budget < max_num_seqs:
-            raise InvalidRequestError(
-                f"token_budget={token_budget} is below max_num_seqs={max_num_seqs}: a mixed step holds a token of "
-                "every decoding sequence, so raise the budget (--max-num-batched-tokens) or lower max_num_seqs"
-            )
         self.scheduler = Scheduler(0, token_budget, max_waiting, runner.decode_steps, mixed=self.mixed_step)
         self.surface = self._surface()
         self.prefilled_tokens = 0  # prompt tokens computed so far (for tests and metrics)

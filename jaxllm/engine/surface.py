@@ -5,8 +5,8 @@ mixed step and each decode dispatch to one of the shapes listed here, and `Engin
 them before serving. The configuration bounds the set:
 
 - mixed steps: token counts (powers of two from 16 up to 512, then multiples of 512, up to the token
-  budget, `--max-num-batched-tokens`) × sequence counts (1, 4, 16, 64, ... up to the slots) × the
-  sampler variant (plain greedy, or every part chosen on device);
+  budget, `--max-num-batched-tokens`, and the budget plus a decode token per slot) × sequence counts (1,
+  4, 16, 64, ... up to the slots) × the sampler variant (plain greedy, or every part chosen on device);
 - decode dispatches: rows (powers of two up to the slots) × steps × the sampler variant. With the mixed
   step, a dispatch of decodes alone always runs `decode_steps` (prompts join through mixed steps); with
   separate prefill calls, 1 while prompts wait.
@@ -49,10 +49,10 @@ class DecodeShape:
 
 @dataclasses.dataclass(frozen=True)
 class Surface:
-    """The shapes of one configuration. slots: decode-state slots (over all replicas); token_budget: tokens a
-    mixed step holds at most (decodes and prefill chunks); mixed: prompts run in mixed steps; fixed_context,
-    fixed_decode_context: whether the mixed step's and the decode's attention read only to each sequence's
-    length (then one context width)."""
+    """The shapes of one configuration. slots: decode-state slots (over all replicas); token_budget: prompt
+    tokens a step computes at most, beside a token per decoding sequence; mixed: prompts run in mixed steps;
+    fixed_context, fixed_decode_context: whether the mixed step's and the decode's attention read only to each
+    sequence's length (then one context width)."""
 
     slots: int
     max_model_len: int
@@ -65,7 +65,7 @@ class Surface:
 
     # ---- bucketing: the shape a step pads to ----------------------------------------------------
     def tokens(self, n: int) -> int:
-        """The token bucket of a mixed step of n tokens (n <= token_budget)."""
+        """The token bucket of a mixed step of n tokens (chunks within the budget, and decodes)."""
         return next(b for b in self.token_buckets() if b >= n)
 
     def seqs(self, n: int) -> int:
@@ -91,7 +91,8 @@ class Surface:
         while b < self.token_budget:
             out.append(b)
             b += TOKEN_STEP
-        return out + [max(self.token_budget, MIN_TOKENS)]
+        top = max(self.token_budget, MIN_TOKENS)
+        return out + [top] + ([self.token_budget + self.slots] if self.mixed else [])
 
     def seq_buckets(self) -> list[int]:
         out, b = [], 1

@@ -9,15 +9,18 @@ from jaxllm.engine.surface import DecodeShape, MixedShape, Surface
 
 
 @pytest.mark.parametrize("budget", [16, 100, 512, 2048, 3000])
-def test_every_token_count_pads_to_an_enumerated_bucket_within_the_budget(budget):
+def test_every_token_count_pads_to_an_enumerated_bucket_within_the_budget_and_decodes(budget):
     surface = Surface(slots=32, max_model_len=4096, token_budget=budget, decode_steps=4)
     enumerated = set(surface.token_buckets())
-    for n in range(1, budget + 1):
+    for n in range(1, budget + 32 + 1):  # prompt chunks within the budget, and a token per decoding slot
         t = surface.tokens(n)
-        assert t in enumerated and n <= t <= max(budget, 16)
-    assert max(enumerated) == max(budget, 16)
+        assert t in enumerated and n <= t <= max(budget, 16) + 32
+    assert max(enumerated) == budget + 32
     # Past 512 the buckets grow in steps of 512, so padding wastes less than 512 tokens there.
     assert all(surface.tokens(n) - n < 512 for n in range(513, budget + 1))
+    # Separate prefill calls: decodes are not in the flat run, and the budget is the largest bucket.
+    separate = Surface(slots=32, max_model_len=4096, token_budget=budget, decode_steps=4, mixed=False)
+    assert max(separate.token_buckets()) == max(budget, 16)
 
 
 @pytest.mark.parametrize("slots", [1, 3, 16, 32, 100])
@@ -48,10 +51,10 @@ def test_fixed_context_is_one_width_else_powers_of_two_from_64():
 def test_the_shape_count_follows_from_the_configuration():
     # The serving default: 32 slots, 512 tokens a step, decode_steps 2.
     surface = Surface(slots=32, max_model_len=2048, token_budget=512, decode_steps=2)
-    assert surface.token_buckets() == [16, 32, 64, 128, 256, 512]
+    assert surface.token_buckets() == [16, 32, 64, 128, 256, 512, 544]  # 544: the budget and 32 decodes
     assert surface.seq_buckets() == [1, 4, 16, 32]
     # a step never holds more sequences than tokens: 16 tokens take 1, 4 or 16 sequences
-    assert len(surface.mixed_shapes()) == 2 * (3 + 5 * 4)
+    assert len(surface.mixed_shapes()) == 2 * (3 + 6 * 4)
     assert MixedShape(16, 32, 2048, True) not in surface.mixed_shapes()
     # mixed: decodes alone always run decode_steps; separate: also one step while prompts wait
     assert len(surface.decode_shapes()) == 6 * 2
