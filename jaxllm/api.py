@@ -43,8 +43,9 @@ class LLM:
     one device); data_parallel: replicas of the tensor-parallel group (data_parallel × tensor_parallel devices),
     each with its share of the batch and of the KV pages (the slots round up to a multiple of it).
     mixed_step: run a step's prefill chunks and decodes as one model call (weights read once per step);
-    off by default until its shapes are compiled before serving (see docs/benchmarks.md); False runs each
-    prefill group and the decode as calls of their own.
+    None (the default): where the attention reads ragged batches only up to each sequence's length (the
+    native CPU kernel; not yet on GPUs), with one data-parallel replica; False runs each prefill group and
+    the decode as calls of their own.
     `weight_bytes` says how many bytes the weights take on the device(s).
     """
 
@@ -68,7 +69,7 @@ class LLM:
         quant_embeddings: bool = False,
         tensor_parallel: int | None = None,
         data_parallel: int = 1,
-        mixed_step: bool = False,
+        mixed_step: bool | None = None,
         cluster: Cluster | None = None,
         progress: bool = True,
         loaded: LoadedModel | None = None,

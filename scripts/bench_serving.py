@@ -155,7 +155,7 @@ def start_server(args) -> tuple[subprocess.Popen, str, float]:
     serve_args = ["--max-seqs", "32", "--max-model-len", str(args.max_model_len), "--log-level", "warning"]
     serve_args += ["--layers", args.layers, "--decode-steps", str(args.decode_steps)]
     serve_args += ["--max-num-batched-tokens", str(args.token_budget)]
-    serve_args += ["--mixed-step"] if args.mixed_step else []
+    serve_args += [] if args.mixed_step is None else ["--mixed-step" if args.mixed_step else "--no-mixed-step"]
     env = dict(os.environ)
     if args.cold_start:
         env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxllm-bench-xla-")
@@ -214,7 +214,7 @@ def write_doc(text: str, args) -> None:
         f"python scripts/bench_serving.py --tokens {args.tokens} --rounds {args.rounds} --rate {args.rate} "
         f"--stagger {args.stagger} --decode-steps {args.decode_steps} --layers {args.layers} --pairs {args.pairs} "
         f"--token-budget {args.token_budget}"
-        + (" --mixed-step" if args.mixed_step else "")
+        + ("" if args.mixed_step is None else " --mixed-step" if args.mixed_step else " --no-mixed-step")
         + (" --cold-start" if args.cold_start else ""),
         text,
     )
@@ -230,8 +230,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--layers", default="scan", choices=["scan", "unrolled"], help="the server's --layers")
     p.add_argument("--decode-steps", type=int, default=2, help="the server's --decode-steps")
-    p.add_argument("--mixed-step", action="store_true", help="the server runs prefill and decode as one mixed step")
-    p.add_argument("--token-budget", type=int, default=512, help="the server's --max-num-batched-tokens")
+    p.add_argument(
+        "--mixed-step",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the server runs prefill and decode as one mixed step, or not (default: the server's default)",
+    )
+    p.add_argument("--token-budget", type=int, default=256, help="the server's --max-num-batched-tokens")
     p.add_argument("--cold-start", action="store_true", help="start the server with an empty compilation cache")
     p.add_argument("--stagger", type=float, default=1.0, help="seconds between client starts, staggered loop")
     p.add_argument("--only", default="", help="run only the workloads whose name contains this (no doc update)")

@@ -57,7 +57,8 @@ class Engine:
 
     The KV cache is a pool of `page_size`-token pages sized by `kv_cache_memory` (GiB; default: 90% of
     the free device memory on accelerators, 4 GiB on the CPU), allocated on first use no larger than
-    the work in sight needs. `prefix_caching` reuses cached pages of shared prompt prefixes.
+    the work in sight needs. `prefix_caching` reuses cached pages of shared prompt prefixes. `mixed_step`
+    (None: where the attention suits it) runs a step's prefill chunks and decodes as one model call.
     """
 
     def __init__(
@@ -71,7 +72,7 @@ class Engine:
         page_size: int = 16,
         kv_cache_memory: float | None = None,
         prefix_caching: bool = True,
-        mixed_step: bool = False,
+        mixed_step: bool | None = None,
     ):
         self.runner, self.tokenizer = runner, tokenizer
         self.cfg = runner.cfg
@@ -80,7 +81,11 @@ class Engine:
             raise InvalidRequestError(f"page_size must be at least 1, got {page_size}")
         self.page_size, self.prefix_caching = page_size, prefix_caching
         self.replicas = runner.data_parallel
-        # Decodes and prefill chunks as one model call (one data-parallel replica only, for now).
+        # Decodes and prefill chunks as one model call: by default where ragged attention reads each sequence
+        # only up to its length (the native CPU kernel; the GPU has no Pallas ragged kernel yet), and with one
+        # data-parallel replica (for now).
+        if mixed_step is None:
+            mixed_step = reads_to_length(ragged=True)
         self.mixed_step = mixed_step and self.replicas == 1
         self.max_pages = self._page_budget(kv_cache_memory)
         if self.max_pages // self.replicas * page_size < max_model_len:

@@ -39,9 +39,11 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def server(smollm2):
-    """The main server: 16 slots, warmed up."""
+    """The main server: 16 slots. Not warmed up: compiling all its step shapes would take CI minutes, and
+    tests/serving/test_warmup.py covers warm-up on a small configuration."""
     llm = LLM(loaded=smollm2.loaded, max_num_seqs=16, max_model_len=1024, token_budget=512)
-    with RunningServer(create_app(llm, served_model_name="smollm2", max_body_bytes=64 * 1024)) as s:
+    app = create_app(llm, served_model_name="smollm2", max_body_bytes=64 * 1024, warmup=False)
+    with RunningServer(app) as s:
         yield s
 
 

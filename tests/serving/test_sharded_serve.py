@@ -20,7 +20,7 @@ CHATS = [
 def _answers(extra_args: list[str], devices: int, log) -> list[tuple[str, list[float]]]:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     with open(log, "w") as err:
-        proc, url = spawn_server(["--max-seqs", "4", *extra_args], timeout=600, env=env, stderr=err)
+        proc, url = spawn_server(["--max-seqs", "4", "--no-warmup", *extra_args], timeout=600, env=env, stderr=err)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         out = []
