@@ -35,6 +35,7 @@ from jaxllm.engine.sequence import Sequence, TokenLogprob, Update
 from jaxllm.engine.surface import DecodeShape, MixedShape, Surface
 from jaxllm.errors import ContextLengthError, InvalidRequestError, JaxLLMError
 from jaxllm.kernels import reads_to_length
+from jaxllm.kernels.attention import default_impl as default_attention
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import Tokenizer
 
@@ -81,11 +82,11 @@ class Engine:
             raise InvalidRequestError(f"page_size must be at least 1, got {page_size}")
         self.page_size, self.prefix_caching = page_size, prefix_caching
         self.replicas = runner.data_parallel
-        # Decodes and prefill chunks as one model call: by default where ragged attention reads each sequence
-        # only up to its length (the native CPU kernel; the GPU has no Pallas ragged kernel yet), and with one
+        # Decodes and prefill chunks as one model call: by default on the CPU (its native ragged kernel reads each
+        # sequence only up to its length; the Pallas ragged kernel has not run on a GPU yet), and with one
         # data-parallel replica (for now).
         if mixed_step is None:
-            mixed_step = reads_to_length(ragged=True)
+            mixed_step = default_attention() == "native" and reads_to_length(ragged=True)
         self.mixed_step = mixed_step and self.replicas == 1
         self.max_pages = self._page_budget(kv_cache_memory)
         if self.max_pages // self.replicas * page_size < max_model_len:
@@ -349,8 +350,8 @@ class Engine:
     def _mixed_batch(self, shape: MixedShape, entries: list, n_tokens: int) -> tuple[MixedBatch, dict[int, Sequence]]:
         """A mixed step of this shape over `entries` ((sequence, None) for a decode, (sequence, chunk) for a
         prefill chunk; n_tokens in all), and which sequence each sampled row belongs to. Padding sequences
-        have no tokens and write nowhere. The prefix-cache tokens (`prior`, for penalties) come only with the
-        variant that applies penalties."""
+        have no tokens and write nowhere. The penalty inputs (`prior`, the prefix-cache tokens, and the logit
+        bias) come only with the variant that applies penalties."""
         t, n = shape.tokens, shape.seqs
         tokens, positions = np.zeros((t,), np.int32), np.zeros((t,), np.int32)
         seq_ids = np.full((t,), n, np.int32)
@@ -359,7 +360,7 @@ class Engine:
         ctx_lens, prompt_lens, out_steps = np.zeros((n,), np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.int32)
         slots = np.full((n,), self.runner.slots, np.int32)  # padding sequences write nowhere
         prior = np.full((n, shape.context if shape.every else 0), self.cfg.vocab_size, np.int32)
-        bias = np.zeros((n, self.cfg.vocab_size), np.float32)
+        bias = np.zeros((n, self.cfg.vocab_size if shape.every else 0), np.float32)
         owners, at = {}, 0
         for i, (s, c) in enumerate(entries):
             slots[i], prompt_lens[i], q_starts[i] = s.slot, len(s.prompt_ids), at
@@ -376,7 +377,7 @@ class Engine:
                 out_steps[i] = s.prefill_len - len(s.prompt_ids)
                 if c.first and prior.shape[1]:
                     prior[i, : c.start] = ids[: c.start]
-                for tok, b in s.params.logit_bias.items():
+                for tok, b in s.params.logit_bias.items():  # a logit bias selects the variant with penalties
                     bias[i, tok] = b
                 at += size
             if sample[i]:

@@ -109,7 +109,8 @@ class MixedBatch:
     the prefix-cache tokens, `vocab` past them),
     sample (due a token: a decode or a last chunk), out_steps (outputs generated before, for chunks; a
     decode's come from its slot), block_tables [seqs, n_pages], params (RowParams), bias [seqs, V] (chunks;
-    a decode keeps its slot's). Static: ctx_len (the context bucket attended), flags (sampler variant).
+    a decode keeps its slot's). The variant without penalties takes neither bias nor prior ([seqs, 0]) and keeps
+    no penalty state. Static: ctx_len (the context width attended), flags (sampler variant).
     """
 
     tokens: np.ndarray
@@ -307,6 +308,19 @@ class ModelRunner:
             ragged=ragged,
         )
         vocab = logits.shape[-1]
+        steps = jnp.where(batch.decoding, state.steps[slot], batch.out_steps)
+        to = jnp.where(batch.slots < self.slots, batch.slots, self.slots)  # padding sequences write nowhere
+        due = jnp.where(batch.sample, to, self.slots)
+        put = lambda dst, src, where=to: dst.at[where].set(src, mode="drop")
+        if not batch.flags.penalties:  # no row has penalties: their state is never read, so it is not kept
+            tok, info = sample(logits, batch.params, steps, batch.flags, stop_mask=stop_mask)
+            state = dataclasses.replace(
+                state,
+                tokens=put(state.tokens, tok, due),
+                positions=put(state.positions, ctx_lens + batch.q_lens, due),
+                steps=put(state.steps, steps + 1, due),
+            )
+            return cache, state, tok, info
         # Penalty state: a decode (and a later chunk) carries its slot's; a first chunk starts from the
         # prefix-cache tokens. A chunk's own tokens count too (a decode's token was counted when sampled).
         carried = ~batch.fresh[:, None]
@@ -328,7 +342,6 @@ class ModelRunner:
         prompt_mask = prompt_mask.at[seq, at(chunk_token & in_prompt)].set(True, mode="drop")
         counts = counts.at[seq, at(chunk_token & ~in_prompt)].add(1, mode="drop")
         bias = jnp.where(batch.decoding[:, None], state.bias[slot], batch.bias)
-        steps = jnp.where(batch.decoding, state.steps[slot], batch.out_steps)
         tok, info = sample(
             logits,
             batch.params,
@@ -340,9 +353,6 @@ class ModelRunner:
             stop_mask=stop_mask,
         )
         counts = counts.at[jnp.arange(n_seqs), tok].add(batch.sample.astype(jnp.int32))
-        to = jnp.where(batch.slots < self.slots, batch.slots, self.slots)  # padding sequences write nowhere
-        due = jnp.where(batch.sample, to, self.slots)
-        put = lambda dst, src, where=to: dst.at[where].set(src, mode="drop")
         state = DecodeState(
             put(state.tokens, tok, due),
             put(state.positions, ctx_lens + batch.q_lens, due),

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.kernels.attention import native_paged, reference
 from jaxllm.kernels.attention.flash_prefill import flash_prefill_attention
 from jaxllm.kernels.attention.paged_decode import paged_decode_attention
+from jaxllm.kernels.attention.ragged_paged import pallas_ragged_paged_attention
 
 log = logging.getLogger(__name__)
 IMPLS = ("reference", "pallas", "pallas-interpret", "native")
@@ -49,12 +50,12 @@ def default_impl() -> str:
 
 def reads_to_length(ragged: bool, impl: str | None = None) -> bool:
     """Whether the attention chosen for decode (ragged=False) or for ragged batches reads each sequence's
-    pages only up to its length, so that a wider block table costs nothing: the native CPU kernel does both,
-    the Pallas decode kernel decode; the reference reads every page of the table."""
+    pages only up to its length, so that a wider block table costs nothing: the native CPU kernel and the
+    Pallas kernels do; the reference reads every page of the table."""
     impl = impl or default_impl()
     if impl == "native":
         return native_paged.available()
-    return impl == "pallas" and not ragged
+    return impl == "pallas"
 
 
 def paged_attention(
@@ -214,6 +215,26 @@ def _ragged_local(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, rag
             return out
     if layer is not None:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
+    if impl in ("pallas", "pallas-interpret"):
+        try:
+            return pallas_ragged_paged_attention(
+                q,
+                k_new,
+                v_new,
+                k_pages,
+                v_pages,
+                block_tables,
+                ctx_lens,
+                ragged.q_starts,
+                ragged.q_lens,
+                ragged.seq_ids,
+                sliding_window or None,
+                interpret=impl == "pallas-interpret",
+            )
+        except ValueError as e:  # shapes the Triton lowering cannot take (raised while tracing, before any work)
+            if chosen:
+                raise
+            _warn_fallback("Pallas", str(e))
     return reference.ragged_paged_attention(
         q,
         k_new,

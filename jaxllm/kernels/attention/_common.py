@@ -83,3 +83,23 @@ def check_power_of_2(interpret: bool, **dims: int) -> None:
     for name, value in dims.items():
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name}={value}: the Triton lowering needs a power of two (or interpret=True)")
+
+
+def key_ranges(lo_pos, hi_pos, full_lo_pos, full_hi_pos, block: int):
+    """Key blocks to visit, as three consecutive ranges: (masked, unmasked, masked).
+
+    [lo_pos, hi_pos) bounds the positions any query of the program may see; [full_lo_pos, full_hi_pos)
+    those that every query sees. All traced non-negative int32 scalars.
+    """
+    first, last = lax.div(lo_pos, block), cdiv(hi_pos, block)
+    full_first = jnp.clip(cdiv(full_lo_pos, block), first, last)
+    full_last = jnp.clip(lax.div(full_hi_pos, block), full_first, last)
+    return first, full_first, full_last, last
+
+
+def visit_ranges(body, ranges, carry):
+    """Run `body(block, carry, masked)` over the (masked, unmasked, masked) block ranges of `key_ranges`."""
+    first, full_first, full_last, last = ranges
+    carry = lax.fori_loop(first, full_first, lambda i, c: body(i, c, True), carry)
+    carry = lax.fori_loop(full_first, full_last, lambda i, c: body(i, c, False), carry)
+    return lax.fori_loop(full_last, last, lambda i, c: body(i, c, True), carry)

@@ -21,27 +21,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxllm.kernels.attention._common import (
-    cdiv,
     check_power_of_2,
     check_triton_dims,
     gather_block,
+    key_ranges,
     prepare_tables,
     softmax_step,
+    visit_ranges,
 )
 from jaxllm.kernels.attention.reference import NEG_INF
 from jaxllm.kernels.attention.tuning import DEFAULT_PREFILL, PrefillBlockSizes, next_power_of_2
-
-
-def _ranges(lo_pos, hi_pos, full_lo_pos, full_hi_pos, block: int):
-    """Key blocks to visit, as three consecutive ranges: (masked, unmasked, masked).
-
-    [lo_pos, hi_pos) bounds the positions any query of the program may see; [full_lo_pos, full_hi_pos)
-    those that every query sees. All traced non-negative int32 scalars.
-    """
-    first, last = lax.div(lo_pos, block), cdiv(hi_pos, block)
-    full_first = jnp.clip(cdiv(full_lo_pos, block), first, last)
-    full_last = jnp.clip(lax.div(full_hi_pos, block), full_first, last)
-    return first, full_first, full_last, last
 
 
 def _prefill_kernel(q_ref, kn_ref, vn_ref, *refs, scale, seq_len, block_k, pages_per_block, sliding_window, has_ctx):
@@ -83,7 +72,7 @@ def _prefill_kernel(q_ref, kn_ref, vn_ref, *refs, scale, seq_len, block_k, pages
 
         lo = jnp.maximum(ctx_len + q_first - window + 1, 0) if window else 0
         full_lo = jnp.maximum(ctx_len + q_first + block_q - window, 0) if window else 0
-        carry = _visit(ctx_body, _ranges(lo, ctx_len, full_lo, ctx_len, block_c), carry)
+        carry = visit_ranges(ctx_body, key_ranges(lo, ctx_len, full_lo, ctx_len, block_c), carry)
 
     def new_body(j, carry, masked):
         k = kn_ref[pl.ds(j * block_k, block_k), :]
@@ -99,17 +88,9 @@ def _prefill_kernel(q_ref, kn_ref, vn_ref, *refs, scale, seq_len, block_k, pages
     lo = jnp.maximum(q_first - window + 1, 0) if window else 0
     full_lo = jnp.maximum(q_first + block_q - window, 0) if window else 0
     hi = jnp.minimum(q_first + block_q, seq_len)
-    acc, _, denom = _visit(new_body, _ranges(lo, hi, full_lo, q_first + 1, block_k), carry)
+    acc, _, denom = visit_ranges(new_body, key_ranges(lo, hi, full_lo, q_first + 1, block_k), carry)
     denom = jnp.where(denom == 0.0, 1.0, denom)  # only padding queries past a window's reach see no key
     o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
-
-
-def _visit(body, ranges, carry):
-    """Run `body(block, carry, masked)` over the (masked, unmasked, masked) block ranges of `_ranges`."""
-    first, full_first, full_last, last = ranges
-    carry = lax.fori_loop(first, full_first, lambda i, c: body(i, c, True), carry)
-    carry = lax.fori_loop(full_first, full_last, lambda i, c: body(i, c, False), carry)
-    return lax.fori_loop(full_last, last, lambda i, c: body(i, c, True), carry)
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "block_sizes", "interpret"))
