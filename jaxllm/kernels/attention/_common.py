@@ -103,3 +103,30 @@ def visit_ranges(body, ranges, carry):
     carry = lax.fori_loop(first, full_first, lambda i, c: body(i, c, True), carry)
     carry = lax.fori_loop(full_first, full_last, lambda i, c: body(i, c, False), carry)
     return lax.fori_loop(full_last, last, lambda i, c: body(i, c, True), carry)
+
+
+def attend_context(carry, q, q_first, ctx_len, kp_ref, vp_ref, tables_ref, *, pages_per_block, window, scale):
+    """Fold one sequence's cached context into the running softmax of its queries q [block_q, head_dim], the
+    sequence's new tokens q_first.. (at positions ctx_len + q_first + row): pages read through the table up to
+    ctx_len only, within `window` (0: all) of each query. Blocks no query sees are skipped; blocks every query
+    sees in full skip the masking. kp_ref, vp_ref: [num_pages, page_size, head_dim]; tables_ref: [n_table]."""
+    block_q = q.shape[0]
+    block_c = pages_per_block * kp_ref.shape[1]
+    q_pos = ctx_len + q_first + jnp.arange(block_q)
+
+    def body(i, carry, masked):
+        k = gather_block(kp_ref, tables_ref, i, pages_per_block)
+        v = gather_block(vp_ref, tables_ref, i, pages_per_block)
+        if not masked:
+            return softmax_step(carry, q, k, v, scale)
+        pos = i * block_c + jnp.arange(block_c)
+        valid = pos < ctx_len
+        v = jnp.where(valid[:, None], v, 0)  # slots past ctx_len may hold stale data, NaN included
+        mask = valid[None, :]
+        if window:
+            mask = mask & (q_pos[:, None] - pos[None, :] < window)
+        return softmax_step(carry, q, k, v, scale, mask)
+
+    lo = jnp.maximum(ctx_len + q_first - window + 1, 0) if window else 0
+    full_lo = jnp.maximum(ctx_len + q_first + block_q - window, 0) if window else 0
+    return visit_ranges(body, key_ranges(lo, ctx_len, full_lo, ctx_len, block_c), carry)

@@ -24,9 +24,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxllm.kernels.attention._common import (
+    attend_context,
     check_power_of_2,
     check_triton_dims,
-    gather_block,
     key_ranges,
     prepare_tables,
     softmax_step,
@@ -65,25 +65,8 @@ def _ragged_kernel(
         jnp.zeros((block_q,), jnp.float32),
     )
 
-    block_c = pages_per_block * kp_ref.shape[1]
-    q_pos = ctx_len + t_q  # absolute positions of the queries
-
-    def ctx_body(i, carry, masked):
-        k = gather_block(kp_ref, tables_ref, i, pages_per_block)
-        v = gather_block(vp_ref, tables_ref, i, pages_per_block)
-        if not masked:
-            return softmax_step(carry, q, k, v, scale)
-        pos = i * block_c + jnp.arange(block_c)
-        valid = pos < ctx_len
-        v = jnp.where(valid[:, None], v, 0)  # slots past ctx_len may hold stale data, NaN included
-        mask = valid[None, :]
-        if window:
-            mask = mask & (q_pos[:, None] - pos[None, :] < window)
-        return softmax_step(carry, q, k, v, scale, mask)
-
-    lo = jnp.minimum(jnp.maximum(ctx_len + q_first - window + 1, 0), ctx_len) if window else 0
-    full_lo = jnp.maximum(ctx_len + q_first + block_q - window, 0) if window else 0
-    carry = visit_ranges(ctx_body, key_ranges(lo, ctx_len, full_lo, ctx_len, block_c), carry)
+    kw = dict(pages_per_block=pages_per_block, window=window, scale=scale)
+    carry = attend_context(carry, q, q_first, ctx_len, kp_ref, vp_ref, tables_ref, **kw)
 
     def new_body(j, carry, masked):
         k = kn_ref[pl.ds(start + j * block_k, block_k), :]
