@@ -312,54 +312,53 @@ class ModelRunner:
         to = jnp.where(batch.slots < self.slots, batch.slots, self.slots)  # padding sequences write nowhere
         due = jnp.where(batch.sample, to, self.slots)
         put = lambda dst, src, where=to: dst.at[where].set(src, mode="drop")
-        if not batch.flags.penalties:  # no row has penalties: their state is never read, so it is not kept
-            tok, info = sample(logits, batch.params, steps, batch.flags, stop_mask=stop_mask)
-            state = dataclasses.replace(
-                state,
-                tokens=put(state.tokens, tok, due),
-                positions=put(state.positions, ctx_lens + batch.q_lens, due),
-                steps=put(state.steps, steps + 1, due),
+        if batch.flags.penalties:
+            # Penalty state: a decode (and a later chunk) carries its slot's; a first chunk starts from the
+            # prefix-cache tokens. A chunk's own tokens count too (a decode's token was counted when sampled).
+            carried = ~batch.fresh[:, None]
+            rows = jnp.arange(n_seqs)[:, None]
+            prior_in_prompt = jnp.arange(batch.prior.shape[1])[None] < batch.prompt_lens[:, None]
+            prompt_mask = jnp.where(carried, state.prompt_mask[slot], False)
+            counts = jnp.where(carried, state.counts[slot], 0)
+
+            def add_prior(mc):  # only a first chunk after a prefix-cache hit has prior tokens
+                m, c = mc
+                m = m.at[rows, jnp.where(prior_in_prompt, batch.prior, vocab)].set(True, mode="drop")
+                return m, c.at[rows, jnp.where(prior_in_prompt, vocab, batch.prior)].add(1, mode="drop")
+
+            has_prior = jnp.any(batch.fresh & (batch.ctx_lens > 0) & ~batch.decoding)
+            prompt_mask, counts = jax.lax.cond(has_prior, add_prior, lambda mc: mc, (prompt_mask, counts))
+            chunk_token = real & ~decode
+            in_prompt = positions < batch.prompt_lens[seq]
+            at = lambda keep: jnp.where(keep, tokens, vocab)
+            prompt_mask = prompt_mask.at[seq, at(chunk_token & in_prompt)].set(True, mode="drop")
+            counts = counts.at[seq, at(chunk_token & ~in_prompt)].add(1, mode="drop")
+            bias = jnp.where(batch.decoding[:, None], state.bias[slot], batch.bias)
+            tok, info = sample(
+                logits,
+                batch.params,
+                steps,
+                batch.flags,
+                prompt_mask=prompt_mask,
+                counts=counts,
+                bias=bias,
+                stop_mask=stop_mask,
             )
-            return cache, state, tok, info
-        # Penalty state: a decode (and a later chunk) carries its slot's; a first chunk starts from the
-        # prefix-cache tokens. A chunk's own tokens count too (a decode's token was counted when sampled).
-        carried = ~batch.fresh[:, None]
-        rows = jnp.arange(n_seqs)[:, None]
-        prior_in_prompt = jnp.arange(batch.prior.shape[1])[None] < batch.prompt_lens[:, None]
-        prompt_mask = jnp.where(carried, state.prompt_mask[slot], False)
-        counts = jnp.where(carried, state.counts[slot], 0)
-
-        def add_prior(mc):  # only a first chunk after a prefix-cache hit has prior tokens
-            m, c = mc
-            m = m.at[rows, jnp.where(prior_in_prompt, batch.prior, vocab)].set(True, mode="drop")
-            return m, c.at[rows, jnp.where(prior_in_prompt, vocab, batch.prior)].add(1, mode="drop")
-
-        has_prior = jnp.any(batch.fresh & (batch.ctx_lens > 0) & ~batch.decoding)
-        prompt_mask, counts = jax.lax.cond(has_prior, add_prior, lambda mc: mc, (prompt_mask, counts))
-        chunk_token = real & ~decode
-        in_prompt = positions < batch.prompt_lens[seq]
-        at = lambda keep: jnp.where(keep, tokens, vocab)
-        prompt_mask = prompt_mask.at[seq, at(chunk_token & in_prompt)].set(True, mode="drop")
-        counts = counts.at[seq, at(chunk_token & ~in_prompt)].add(1, mode="drop")
-        bias = jnp.where(batch.decoding[:, None], state.bias[slot], batch.bias)
-        tok, info = sample(
-            logits,
-            batch.params,
-            steps,
-            batch.flags,
-            prompt_mask=prompt_mask,
-            counts=counts,
-            bias=bias,
-            stop_mask=stop_mask,
-        )
-        counts = counts.at[jnp.arange(n_seqs), tok].add(batch.sample.astype(jnp.int32))
-        state = DecodeState(
-            put(state.tokens, tok, due),
-            put(state.positions, ctx_lens + batch.q_lens, due),
-            put(state.steps, steps + 1, due),
-            put(state.prompt_mask, prompt_mask),
-            put(state.counts, counts),
-            put(state.bias, bias),
+            counts = counts.at[jnp.arange(n_seqs), tok].add(batch.sample.astype(jnp.int32))
+            kept = dict(
+                prompt_mask=put(state.prompt_mask, prompt_mask),
+                counts=put(state.counts, counts),
+                bias=put(state.bias, bias),
+            )
+        else:  # no row has penalties: their state is never read, so it is not kept
+            tok, info = sample(logits, batch.params, steps, batch.flags, stop_mask=stop_mask)
+            kept = {}
+        state = dataclasses.replace(
+            state,
+            tokens=put(state.tokens, tok, due),
+            positions=put(state.positions, ctx_lens + batch.q_lens, due),
+            steps=put(state.steps, steps + 1, due),
+            **kept,
         )
         return cache, state, tok, info
 

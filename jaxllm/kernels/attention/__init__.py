@@ -136,7 +136,8 @@ def _paged_attention(
 ):
     impl, chosen = _resolve(impl)
     if impl == "native" and k_pages is not None and q.shape[1] == 1 and (chosen or native_paged.available()):
-        out = _native_or_none(
+        out = _kernel_or_none(
+            "native",
             chosen,
             lambda: native_paged.native_decode_attention(
                 q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window, layer
@@ -146,19 +147,14 @@ def _paged_attention(
             return out
     if layer is not None and k_pages is not None:  # the others read one layer's pool
         k_pages, v_pages = k_pages[layer], v_pages[layer]
-    if impl in ("reference", "native"):
-        return reference.paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window)
-    interpret = interpret or impl == "pallas-interpret"
-    kernel = paged_decode_attention if q.shape[1] == 1 else flash_prefill_attention
-    try:
-        return kernel(
-            q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window or None, interpret=interpret
-        )
-    except ValueError as e:  # shapes the Triton lowering cannot take (raised while tracing, before any work)
-        if chosen:
-            raise
-        _warn_fallback("Pallas", str(e))
-        return reference.paged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, sliding_window)
+    args = (q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens)
+    if impl in ("pallas", "pallas-interpret"):
+        interpret = interpret or impl == "pallas-interpret"
+        kernel = paged_decode_attention if q.shape[1] == 1 else flash_prefill_attention
+        out = _kernel_or_none("Pallas", chosen, lambda: kernel(*args, sliding_window or None, interpret=interpret))
+        if out is not None:
+            return out
+    return reference.paged_attention(*args, sliding_window)
 
 
 def _ragged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, ragged, sliding_window, impl, layer):
@@ -195,7 +191,8 @@ def _ragged_local(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, rag
     """One device's ragged attention: q [tokens, q_heads, head_dim] -> the same shape."""
     impl, chosen = _resolve(impl)
     if impl == "native" and (chosen or native_paged.available()):
-        out = _native_or_none(
+        out = _kernel_or_none(
+            "native",
             chosen,
             lambda: native_paged.native_paged_attention(
                 q,
@@ -215,40 +212,15 @@ def _ragged_local(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, rag
             return out
     if layer is not None:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
+    args = (q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, ragged.q_starts, ragged.q_lens, ragged.seq_ids)
     if impl in ("pallas", "pallas-interpret"):
-        try:
-            return pallas_ragged_paged_attention(
-                q,
-                k_new,
-                v_new,
-                k_pages,
-                v_pages,
-                block_tables,
-                ctx_lens,
-                ragged.q_starts,
-                ragged.q_lens,
-                ragged.seq_ids,
-                sliding_window or None,
-                interpret=impl == "pallas-interpret",
-            )
-        except ValueError as e:  # shapes the Triton lowering cannot take (raised while tracing, before any work)
-            if chosen:
-                raise
-            _warn_fallback("Pallas", str(e))
-    return reference.ragged_paged_attention(
-        q,
-        k_new,
-        v_new,
-        k_pages,
-        v_pages,
-        block_tables,
-        ctx_lens,
-        ragged.q_starts,
-        ragged.q_lens,
-        ragged.seq_ids,
-        ragged.max_q_len,
-        sliding_window,
-    )
+        interpret = impl == "pallas-interpret"
+        out = _kernel_or_none(
+            "Pallas", chosen, lambda: pallas_ragged_paged_attention(*args, sliding_window or None, interpret=interpret)
+        )
+        if out is not None:
+            return out
+    return reference.ragged_paged_attention(*args, ragged.max_q_len, sliding_window)
 
 
 def _resolve(impl: str | None) -> tuple[str, str | None]:
@@ -260,15 +232,15 @@ def _resolve(impl: str | None) -> tuple[str, str | None]:
     return impl, chosen
 
 
-def _native_or_none(chosen: str | None, call):
-    """call() (a native kernel), or None after a logged warning when it refuses the inputs (dtypes it does not
-    take, raised while tracing) and was not asked for by name."""
+def _kernel_or_none(kernel: str, chosen: str | None, call):
+    """call() (the native or a Pallas kernel), or None after a logged warning when it refuses the inputs
+    (dtypes or shapes it cannot take, raised while tracing, before any work) and was not asked for by name."""
     try:
         return call()
     except ValueError as e:
         if chosen:
             raise
-        _warn_fallback("native", str(e))
+        _warn_fallback(kernel, str(e))
         return None
 
 
