@@ -301,11 +301,19 @@ def check_data_parallel_workload(folder):
         SamplingParams(temperature=0, max_tokens=20, min_tokens=20, logprobs=2),
     ]
 
+    mixed = []  # per mixed step: (tokens of replica 0, of replica 1, decodes beside chunks)
+
+    def record(inp):
+        if inp.mixed is not None:
+            m, half = inp.mixed, len(inp.mixed.q_lens) // 2
+            mixed.append((m.q_lens[:half].sum(), m.q_lens[half:].sum(), m.decoding.any() and (m.q_lens > 1).any()))
+
     def run(tp, dp):
         cfg = LLM(folder, tensor_parallel=1, progress=False).config
         gib = dp * 12 * 16 * bytes_per_token(cfg, "float32") / 2**30  # 12 pages of 16 tokens per replica
         llm = LLM(folder, tensor_parallel=tp, data_parallel=dp, kv_cache_memory=gib, max_model_len=128,
-                  max_num_seqs=4 * dp, progress=False)
+                  max_num_seqs=4 * dp, token_budget=16, progress=False)
+        llm.engine.on_step = record if dp > 1 else None
         outs = llm.generate(prompts, plist, use_tqdm=False)
         ids = [[c.token_ids for c in o.outputs] for o in outs]
         return ids, [t.logprob for o in outs for c in o.outputs for t in (c.logprobs or [])], llm
@@ -314,6 +322,8 @@ def check_data_parallel_workload(folder):
     ids, lp, llm = run(2, 2)
     assert ids == ids_one, (ids, ids_one)
     assert max(abs(a - b) for a, b in zip(lp, lp_one)) <= 1e-4
+    # the mixed step (the CPU default) ran with both replicas busy at once, and with decodes beside chunks
+    assert llm.engine.mixed_step and any(a and b for a, b, _ in mixed) and any(m for *_, m in mixed), mixed
     sched = llm.engine.scheduler
     assert sched.preemptions > 0 and sum(p.hits for p in sched.pools) > 0, (sched.preemptions, sched.pools)
 
@@ -342,6 +352,13 @@ if which == "tiny":
     check_data_parallel(one, LLM(folder, tensor_parallel=2, data_parallel=2, progress=False), prompts)
     check_data_parallel(one, LLM(folder, tensor_parallel=4, data_parallel=2, progress=False), prompts)  # KV copies
     check_data_parallel_workload(folder)
+    # after warm-up, data-parallel mixed and decode steps compile nothing new
+    warm = LLM(folder, tensor_parallel=2, data_parallel=2, max_num_seqs=4, max_model_len=64, token_budget=16,
+               progress=False)
+    shapes, _ = warm.engine.warmup()
+    traced = dict(warm.runner.compiles)
+    same_run(one, warm, prompts)
+    assert shapes == 12 and dict(warm.runner.compiles) == traced, (shapes, traced, warm.runner.compiles)
     q_one = LLM(folder, tensor_parallel=1, quant="int8", progress=False)
     q_tp = LLM(folder, tensor_parallel=2, quant="int8", progress=False)
     assert q_tp.loaded.params["params"]["layers"]["mlp"]["down"].q.sharding.spec[-1] == "model"  # K split

@@ -83,11 +83,10 @@ class Engine:
         self.page_size, self.prefix_caching = page_size, prefix_caching
         self.replicas = runner.data_parallel
         # Decodes and prefill chunks as one model call: by default on the CPU (its native ragged kernel reads each
-        # sequence only up to its length; the Pallas ragged kernel has not run on a GPU yet), and with one
-        # data-parallel replica (for now).
+        # sequence only up to its length; the Pallas ragged kernel has not run on a GPU yet).
         if mixed_step is None:
             mixed_step = default_attention() == "native" and reads_to_length(ragged=True)
-        self.mixed_step = mixed_step and self.replicas == 1
+        self.mixed_step = mixed_step
         self.max_pages = self._page_budget(kv_cache_memory)
         if self.max_pages // self.replicas * page_size < max_model_len:
             per = " per data-parallel replica" if self.replicas > 1 else ""
@@ -197,7 +196,8 @@ class Engine:
         surface = self.surface
         jobs = [("decode", self._decode_batch(shape, {})) for shape in surface.decode_shapes()]
         if self.mixed_step:
-            jobs = [("mixed", self._mixed_batch(shape, [], 0)[0]) for shape in surface.mixed_shapes()] + jobs
+            idle = [[] for _ in range(self.replicas)]
+            jobs = [("mixed", self._mixed_batch(shape, idle)[0]) for shape in surface.mixed_shapes()] + jobs
         for kind, batch in tqdm(jobs, desc="Compiling steps", unit="shape", disable=not progress):
             self.runner.compile(kind, batch)
         return len(jobs), time.perf_counter() - start
@@ -335,39 +335,54 @@ class Engine:
         )
 
     def _mixed(self, plan: Plan) -> tuple[MixedBatch, dict[int, Sequence]]:
-        """The plan's decodes (one step each) and prefill chunks as one flat run of tokens: decodes first, one
-        token each, then each chunk's tokens; padded to a shape of the surface."""
+        """The plan's decodes (one step each) and prefill chunks as one flat run of tokens, replica by replica:
+        in each, decodes first, one token each, then each chunk's tokens; padded to a shape of the surface."""
         assert plan.decode_steps == 1 or not plan.decodes, "a mixed step decodes one token per sequence"
-        entries = [(s, None) for s in plan.decodes] + [(c.seq, c) for c in plan.prefills]
-        n_tokens = len(plan.decodes) + sum(c.end - c.start for c in plan.prefills)
+        groups: list[list] = [[] for _ in range(self.replicas)]
+        for s in plan.decodes:
+            groups[s.replica].append((s, None))
+        for c in plan.prefills:
+            groups[c.seq.replica].append((c.seq, c))
+        busiest = max(sum(1 if c is None else c.end - c.start for _, c in group) for group in groups)
         # context attended: every decode's tokens so far, every chunk's cached prefix and itself
         longest = max([s.num_tokens + s.inflight for s in plan.decodes] + [c.end for c in plan.prefills])
         surface = self.surface
-        every = two_variants([s.params for s, _ in entries]) != SamplerFlags()
-        shape = MixedShape(surface.tokens(n_tokens), surface.seqs(len(entries)), surface.context(longest), every)
-        return self._mixed_batch(shape, entries, n_tokens)
+        every = two_variants([s.params for group in groups for s, _ in group]) != SamplerFlags()
+        seqs = surface.seqs(max(map(len, groups)))
+        shape = MixedShape(surface.tokens(busiest), seqs, surface.context(longest), every)
+        return self._mixed_batch(shape, groups)
 
-    def _mixed_batch(self, shape: MixedShape, entries: list, n_tokens: int) -> tuple[MixedBatch, dict[int, Sequence]]:
-        """A mixed step of this shape over `entries` ((sequence, None) for a decode, (sequence, chunk) for a
-        prefill chunk; n_tokens in all), and which sequence each sampled row belongs to. Padding sequences
-        have no tokens and write nowhere. The penalty inputs (`prior`, the prefix-cache tokens, and the logit
-        bias) come only with the variant that applies penalties."""
-        t, n = shape.tokens, shape.seqs
+    def _mixed_batch(self, shape: MixedShape, groups: list[list]) -> tuple[MixedBatch, dict[int, Sequence]]:
+        """A mixed step of this shape over each replica's entries ((sequence, None) for a decode, (sequence,
+        chunk) for a prefill chunk), and which sequence each sampled row belongs to. Replica r's tokens and
+        sequences take the r-th equal part of the run; padding sequences have no tokens and write nowhere.
+        The penalty inputs (`prior`, the prefix-cache tokens, and the logit bias) come only with the variant
+        that applies penalties."""
+        t, n, parts = shape.tokens, shape.seqs, len(groups)
         tokens, positions = np.zeros((t,), np.int32), np.zeros((t,), np.int32)
         seq_ids = np.full((t,), n, np.int32)
         decoding, fresh, sample = np.zeros((n,), bool), np.ones((n,), bool), np.zeros((n,), bool)
-        q_starts, q_lens = np.full((n,), n_tokens, np.int32), np.zeros((n,), np.int32)
+        q_starts, q_lens = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
         ctx_lens, prompt_lens, out_steps = np.zeros((n,), np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.int32)
         slots = np.full((n,), self.runner.slots, np.int32)  # padding sequences write nowhere
         prior = np.full((n, shape.context if shape.every else 0), self.cfg.vocab_size, np.int32)
         bias = np.zeros((n, self.cfg.vocab_size if shape.every else 0), np.float32)
-        owners, at = {}, 0
-        for i, (s, c) in enumerate(entries):
-            slots[i], prompt_lens[i], q_starts[i] = s.slot, len(s.prompt_ids), at
+        entries: list = [None] * n
+        for r, group in enumerate(groups):  # replica r: sequences from r * n / parts, tokens from r * t / parts
+            first, at = r * n // parts, r * t // parts
+            for i, entry in enumerate(group, start=first):
+                entries[i], q_starts[i] = entry, at
+                at += 1 if entry[1] is None else entry[1].end - entry[1].start
+            q_starts[first + len(group) : (r + 1) * n // parts] = at  # padding sequences: none of the run
+        owners = {}
+        for i, entry in enumerate(entries):
+            if entry is None:
+                continue
+            (s, c), at = entry, q_starts[i]
+            slots[i], prompt_lens[i] = s.slot, len(s.prompt_ids)
             if c is None:  # a decode: token, position and context come from its slot on device
                 decoding[i], fresh[i], sample[i], q_lens[i] = True, False, True, 1
                 seq_ids[at] = i
-                at += 1
             else:
                 ids, size = s.token_ids(), c.end - c.start
                 tokens[at : at + size] = ids[c.start : c.end]
@@ -379,12 +394,11 @@ class Engine:
                     prior[i, : c.start] = ids[: c.start]
                 for tok, b in s.params.logit_bias.items():  # a logit bias selects the variant with penalties
                     bias[i, tok] = b
-                at += size
             if sample[i]:
                 owners[i] = s
-        plist = [s.params for s, _ in entries]
-        seeds = [s.seed for s, _ in entries]
-        table = self._block_tables([s for s, _ in entries] + [None] * (n - len(entries)), n, shape.context)
+        seqs = [e[0] if e else None for e in entries]
+        plist = [s.params if s else None for s in seqs]
+        table = self._block_tables(seqs, n, shape.context)
         batch = MixedBatch(
             tokens,
             positions,
@@ -400,7 +414,7 @@ class Engine:
             out_steps,
             prior,
             table,
-            row_params(plist, seeds, n),
+            row_params(plist, [s.seed if s else 0 for s in seqs], n),
             bias,
             shape.context,
             SamplerFlags.every() if shape.every else SamplerFlags(),

@@ -111,6 +111,8 @@ class MixedBatch:
     decode's come from its slot), block_tables [seqs, n_pages], params (RowParams), bias [seqs, V] (chunks;
     a decode keeps its slot's). The variant without penalties takes neither bias nor prior ([seqs, 0]) and keeps
     no penalty state. Static: ctx_len (the context width attended), flags (sampler variant).
+    With data-parallel replicas the run comes in equal parts, one per replica (its tokens and sequences, with
+    page ids of its pool); seq_ids, q_starts and slots index the whole run and all slots.
     """
 
     tokens: np.ndarray

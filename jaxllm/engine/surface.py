@@ -6,7 +6,9 @@ them before serving. The configuration bounds the set:
 
 - mixed steps: token counts (powers of two from 16 up to 512, then multiples of 512, up to the token
   budget, `--max-num-batched-tokens`, and the budget plus a decode token per slot) × sequence counts (1,
-  4, 16, 64, ... up to the slots) × the sampler variant (plain greedy, or every part chosen on device);
+  4, 16, 64, ... up to the slots) × the sampler variant (plain greedy, or every part chosen on device).
+  With data-parallel replicas these count per replica: each replica gets an equal part of the flat run,
+  sized for the busiest one;
 - decode dispatches: rows (powers of two up to the slots) × steps × the sampler variant. With the mixed
   step, a dispatch of decodes alone always runs `decode_steps` (prompts join through mixed steps); with
   separate prefill calls, 1 while prompts wait.
@@ -29,7 +31,8 @@ SEQ_GROWTH = 4  # sequence buckets of a mixed step grow 4x: sampling and the LM 
 
 @dataclasses.dataclass(frozen=True)
 class MixedShape:
-    """A mixed step's static shape: flat tokens, sequences, attended context (positions), sampler variant."""
+    """A mixed step's static shape: flat tokens and sequences (over all replicas), attended context
+    (positions), sampler variant."""
 
     tokens: int
     seqs: int
@@ -65,12 +68,13 @@ class Surface:
 
     # ---- bucketing: the shape a step pads to ----------------------------------------------------
     def tokens(self, n: int) -> int:
-        """The token bucket of a mixed step of n tokens (chunks within the budget, and decodes)."""
-        return next(b for b in self.token_buckets() if b >= n)
+        """The flat tokens (over all replicas) of a mixed step whose busiest replica has n tokens (chunks
+        within the budget, and decodes)."""
+        return next(b for b in self.token_buckets() if b >= n) * self.replicas
 
     def seqs(self, n: int) -> int:
-        """The sequence bucket of a mixed step of n sequences (n <= slots)."""
-        return next(b for b in self.seq_buckets() if b >= n)
+        """The sequences (over all replicas) of a mixed step whose busiest replica has n of them."""
+        return next(b for b in self.seq_buckets() if b >= n) * self.replicas
 
     def rows(self, n: int) -> int:
         """Decode rows per replica covering its first n slots."""
@@ -83,6 +87,7 @@ class Surface:
 
     # ---- enumeration: every shape, for warm-up ------------------------------------------------------
     def token_buckets(self) -> list[int]:
+        """A mixed step's token counts per replica."""
         out, b = [], MIN_TOKENS
         while b < min(self.token_budget, TOKEN_STEP):
             out.append(b)
@@ -92,14 +97,15 @@ class Surface:
             out.append(b)
             b += TOKEN_STEP
         top = max(self.token_budget, MIN_TOKENS)
-        return out + [top] + ([self.token_budget + self.slots] if self.mixed else [])
+        return out + [top] + ([self.token_budget + self.slots // self.replicas] if self.mixed else [])
 
     def seq_buckets(self) -> list[int]:
-        out, b = [], 1
-        while b < self.slots:
+        """A mixed step's sequence counts per replica."""
+        per, out, b = self.slots // self.replicas, [], 1
+        while b < per:
             out.append(b)
             b *= SEQ_GROWTH
-        return out + [self.slots]
+        return out + [per]
 
     def contexts(self, decode: bool = False) -> list[int]:
         if self.fixed_decode_context if decode else self.fixed_context:
@@ -109,7 +115,7 @@ class Surface:
     def mixed_shapes(self) -> list[MixedShape]:
         """Every mixed step shape (a sequence holds at least one token: no more sequences than tokens)."""
         return [
-            MixedShape(t, n, c, every)
+            MixedShape(t * self.replicas, n * self.replicas, c, every)
             for t in self.token_buckets()
             for n in self.seq_buckets()
             if n <= t

@@ -38,6 +38,17 @@ def test_data_parallel_decode_rows_are_per_replica_buckets_times_replicas():
     assert sorted({s.rows for s in surface.decode_shapes()}) == [3, 6, 12]  # 1, 2 and 4 rows of each replica
 
 
+def test_data_parallel_mixed_shapes_give_each_replica_an_equal_part_sized_for_the_busiest():
+    surface = Surface(slots=12, max_model_len=1024, token_budget=100, decode_steps=2, replicas=3)
+    assert surface.token_buckets() == [16, 32, 64, 100, 104]  # per replica: the budget and its 4 decodes
+    assert surface.seq_buckets() == [1, 4]
+    shapes = surface.mixed_shapes()
+    assert all(s.tokens % 3 == 0 and s.seqs % 3 == 0 and s.seqs <= s.tokens for s in shapes)
+    for busiest in range(1, 105):
+        assert MixedShape(surface.tokens(busiest), surface.seqs(min(busiest, 4)), 1024, False) in shapes
+        assert busiest * 3 <= surface.tokens(busiest) <= 104 * 3
+
+
 def test_fixed_context_is_one_width_else_powers_of_two_from_64():
     fixed = Surface(slots=4, max_model_len=1000, token_budget=64, decode_steps=2)
     assert {s.context for s in fixed.mixed_shapes() + fixed.decode_shapes()} == {1000}

@@ -159,7 +159,10 @@ def _paged_attention(
 
 def _ragged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, ragged, sliding_window, impl, layer):
     """`paged_attention` for a flat run of ragged tokens: q [1, tokens, q_heads, head_dim] -> the same shape.
-    Under a placement each device attends its heads (tokens and sequences whole on every device)."""
+    Under a placement each device attends its heads. With data-parallel replicas the run comes grouped by
+    replica (replica r's tokens at [r * tokens / replicas, ...), its sequences at [r * seqs / replicas, ...),
+    with page ids of its pool; `ragged` indexes tokens and sequences of the whole run), and each replica
+    attends its own part; otherwise tokens and sequences are whole on every device."""
     from jaxllm import sharding
 
     def local(q, kn, vn, kp, vp, bt, cl, rg, lay):
@@ -171,16 +174,25 @@ def _ragged_attention(q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens,
         return local(
             q, k_new, v_new, k_pages, v_pages, block_tables, ctx_lens, ragged, layer if layer is None else layer_arg
         )
+    stacked, rows = layer is not None, None
     if placement.data_parallel > 1:
-        raise ValueError("ragged attention under data parallelism is not supported: use data_parallel=1")
-    stacked = layer is not None
-    heads = P(None, None, placement.rules.q_heads, None)
-    kv = P(None, None, placement.rules.kv_heads, None)
+        rows = sharding.rows_axis(placement, q.shape[1], paged=True)
+        sharding.rows_axis(placement, block_tables.shape[0], paged=True)
+
+    def replica_local(q, kn, vn, kp, vp, bt, cl, rg, lay):  # this replica's tokens and sequences, indexed from 0
+        if rows is not None:
+            r = jax.lax.axis_index(rows)
+            tokens, seqs = q.shape[1], bt.shape[0]
+            rg = Ragged(rg.q_starts - r * tokens, rg.q_lens, rg.seq_ids - r * seqs, min(rg.max_q_len, tokens))
+        return local(q, kn, vn, kp, vp, bt, cl, rg, lay if stacked else None)
+
+    heads = P(None, rows, placement.rules.q_heads, None)
+    kv = P(None, rows, placement.rules.kv_heads, None)
     pages = sharding.pool_spec(placement, k_pages.ndim)
     run = jax.shard_map(
-        lambda *a: local(*a[:-1], a[-1] if stacked else None),
+        replica_local,
         mesh=placement.mesh,
-        in_specs=(heads, kv, kv, pages, pages, P(), P(), P(), P()),
+        in_specs=(heads, kv, kv, pages, pages, P(rows), P(rows), P(rows), P()),
         out_specs=heads,
         check_vma=False,
     )
