@@ -44,8 +44,8 @@ class LLM:
     each with its share of the batch and of the KV pages (the slots round up to a multiple of it).
     mixed_step: run a step's prefill chunks and decodes as one model call (weights read once per step);
     None (the default): where the attention reads ragged batches only up to each sequence's length (the
-    native CPU kernel; not yet on GPUs), with one data-parallel replica; False runs each prefill group and
-    the decode as calls of their own.
+    native CPU kernel; the Pallas kernel on a GPU, once it passes a check at start); False runs each prefill
+    group and the decode as calls of their own.
     `weight_bytes` says how many bytes the weights take on the device(s).
     """
 

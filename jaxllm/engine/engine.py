@@ -35,7 +35,6 @@ from jaxllm.engine.sequence import Sequence, TokenLogprob, Update
 from jaxllm.engine.surface import DecodeShape, MixedShape, Surface
 from jaxllm.errors import ContextLengthError, InvalidRequestError, JaxLLMError
 from jaxllm.kernels import reads_to_length
-from jaxllm.kernels.attention import default_impl as default_attention
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import Tokenizer
 
@@ -82,10 +81,10 @@ class Engine:
             raise InvalidRequestError(f"page_size must be at least 1, got {page_size}")
         self.page_size, self.prefix_caching = page_size, prefix_caching
         self.replicas = runner.data_parallel
-        # Decodes and prefill chunks as one model call: by default on the CPU (its native ragged kernel reads each
-        # sequence only up to its length; the Pallas ragged kernel has not run on a GPU yet).
+        # Decodes and prefill chunks as one model call, by default where a ragged kernel reads each sequence only
+        # up to its length: the native one on the CPU, the Pallas one on a GPU once it passes its check there.
         if mixed_step is None:
-            mixed_step = default_attention() == "native" and reads_to_length(ragged=True)
+            mixed_step = reads_to_length(ragged=True)
         self.mixed_step = mixed_step
         self.max_pages = self._page_budget(kv_cache_memory)
         if self.max_pages // self.replicas * page_size < max_model_len:

@@ -62,7 +62,8 @@ def add_parser(sub, positive) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run a step's prefill chunks and decodes as one model call, weights read once per step (default: "
-        "where the attention suits it: on the CPU, not yet on GPUs)",
+        "where a ragged attention kernel reads each sequence only to its length: the native one on the CPU, the "
+        "Pallas one on a GPU once it passes its check at start)",
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")

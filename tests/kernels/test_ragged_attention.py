@@ -106,3 +106,39 @@ def test_paged_attention_dispatches_ragged_batches_to_the_pallas_kernel():
     ragged = Ragged(starts, lens, seq_ids, 16)
     got = paged_attention(q[None], kn[None], vn[None], kp, vp, tables, ctx, ragged=ragged, impl="pallas-interpret")
     np.testing.assert_allclose(np.asarray(got[0]), want, atol=2e-5)
+
+
+def test_the_pallas_ragged_check_passes_the_kernel_and_fails_a_wrong_or_failing_one(monkeypatch, caplog):
+    """On a GPU the engine runs mixed steps only after the kernel has equalled the reference there; a kernel
+    that is off, or whose compiler raises, fails the check with the reason logged, ragged batches take the
+    reference, and the mixed step is off by default."""
+    import jaxllm.kernels.attention as attention
+    from jaxllm.kernels import Ragged, paged_attention
+
+    monkeypatch.setattr(attention, "_RAGGED_BROKEN", set())
+    check = attention.pallas_ragged_works.__wrapped__  # uncached
+    assert check(interpret=True) and not attention._RAGGED_BROKEN
+    real = attention.pallas_ragged_paged_attention
+    monkeypatch.setattr(attention, "pallas_ragged_paged_attention", lambda *a, **k: real(*a, **k) * 1.01)
+    assert not check(interpret=True)
+    assert "largest difference from the reference" in caplog.text
+
+    def refuses(*a, **k):
+        raise RuntimeError("Mosaic lowering failed\nlong compiler output")
+
+    monkeypatch.setattr(attention, "pallas_ragged_paged_attention", refuses)
+    monkeypatch.setattr(attention, "_RAGGED_BROKEN", set())
+    assert not check(interpret=True) and attention._RAGGED_BROKEN == {True}
+    assert "RuntimeError: Mosaic lowering failed" in caplog.text and "long compiler output" not in caplog.text
+    # Chosen by default (as 'pallas' is on a GPU), the failed kernel gives way to the reference.
+    monkeypatch.setattr(attention, "default_impl", lambda: "pallas-interpret")
+    q, kn, vn, kp, vp, tables, ctx, starts, lens, seq_ids = ragged_case(MIXES["mixed"], seed=5)
+    got = paged_attention(q[None], kn[None], vn[None], kp, vp, tables, ctx, ragged=Ragged(starts, lens, seq_ids, 16))
+    want = one_by_one(q, kn, vn, kp, vp, tables, ctx, starts, lens, seq_ids)
+    np.testing.assert_allclose(np.asarray(got[0]), want, atol=2e-5)
+    # and the engine's default: a GPU whose ragged kernel fails keeps separate calls
+    monkeypatch.setattr(attention, "default_impl", lambda: "pallas")
+    monkeypatch.setattr(attention, "pallas_ragged_works", lambda interpret=False: False)
+    assert not attention.reads_to_length(ragged=True) and attention.reads_to_length(ragged=False)
+    monkeypatch.setattr(attention, "pallas_ragged_works", lambda interpret=False: True)
+    assert attention.reads_to_length(ragged=True)
