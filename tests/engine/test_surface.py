@@ -62,10 +62,12 @@ def test_fixed_context_is_one_width_else_powers_of_two_from_64():
 def test_the_shape_count_follows_from_the_configuration():
     # The serving default: 32 slots, 512 tokens a step, decode_steps 2.
     surface = Surface(slots=32, max_model_len=2048, token_budget=512, decode_steps=2)
-    assert surface.token_buckets() == [16, 32, 64, 128, 256, 512, 544]  # 544: the budget and 32 decodes
+    # past the budget: room for 16 decodes, then for all 32 (a full chunk and 3 decodes pad to 528, not 544)
+    assert surface.token_buckets() == [16, 32, 64, 128, 256, 512, 528, 544]
+    assert surface.tokens(512 + 3) == 528 and surface.tokens(512 + 17) == 544
     assert surface.seq_buckets() == [1, 4, 16, 32]
     # a step never holds more sequences than tokens: 16 tokens take 1, 4 or 16 sequences
-    assert len(surface.mixed_shapes()) == 2 * (3 + 6 * 4)
+    assert len(surface.mixed_shapes()) == 2 * (3 + 7 * 4)
     assert MixedShape(16, 32, 2048, True) not in surface.mixed_shapes()
     # mixed: decodes alone always run decode_steps; separate: also one step while prompts wait
     assert len(surface.decode_shapes()) == 6 * 2

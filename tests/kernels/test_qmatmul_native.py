@@ -397,7 +397,7 @@ def test_bf16_dot_leaves_what_it_cannot_pair_to_the_float_math():
         np.testing.assert_array_equal(native.native_qmatmul(x, w, bf16_dot=True), native.native_qmatmul(x, w))
 
 
-def test_bf16_dot_is_chosen_only_when_asked_and_from_16_rows(monkeypatch):
+def test_bf16_dot_is_chosen_only_when_asked_and_from_16_rows_then_for_every_row_count(monkeypatch):
     from jaxllm.kernels.qmatmul import qmatmul
 
     w = make_weight(14, "uint4", 64, 256, 32)
@@ -411,3 +411,10 @@ def test_bf16_dot_is_chosen_only_when_asked_and_from_16_rows(monkeypatch):
     )
     x = make_x(15, 32, 256)
     np.testing.assert_array_equal(qmatmul(x, w, impl="native"), native.native_qmatmul(x, w, bf16_dot=True))
+    # Prefill-sized calls: XLA's float32 dot by default, the native bf16 kernel when asked for.
+    from jaxllm.kernels.qmatmul import NATIVE_MAX_ROWS, reference_qmatmul
+
+    x = make_x(16, NATIVE_MAX_ROWS + 8, 256)
+    np.testing.assert_array_equal(qmatmul(x, w), native.native_qmatmul(x, w, bf16_dot=True))
+    monkeypatch.delenv("JAXLLM_QMATMUL_BF16")
+    np.testing.assert_array_equal(qmatmul(x, w), reference_qmatmul(x, w))
