@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from jaxllm import distributed
+from jaxllm import distributed, scoring
 from jaxllm.chat_template import render_chat
 from jaxllm.distributed import Cluster
 from jaxllm.engine.engine import Engine
@@ -18,6 +18,7 @@ from jaxllm.errors import InvalidRequestError
 from jaxllm.loading.load import LoadedModel, LoadOptions, Parallelism, load_model
 from jaxllm.outputs import CompletionOutput, RequestOutput, StreamDelta
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.scoring import Score
 
 
 def default_dtype():
@@ -177,6 +178,38 @@ class LLM:
         bar.close()
         return [_request_output(group, text) for group, (text, _) in zip(seqs, encoded, strict=True)]
 
+    # ---- scoring --------------------------------------------------------------------------------
+    def score(self, contexts, continuations, use_tqdm: bool = False) -> list[Score]:
+        """The log-likelihood of each continuation given its context, and whether it is the greedy one, all
+        batched together. contexts, continuations: lists of the same length of strings (or of token-id lists);
+        an empty context is scored after the beginning-of-sequence token. Returns a `Score` per pair."""
+        if isinstance(contexts, str) or isinstance(continuations, str) or len(contexts) != len(continuations):
+            raise InvalidRequestError("give lists of contexts and continuations of the same length")
+        pairs = [scoring.encode_pair(self.tokenizer, c, x) for c, x in zip(contexts, continuations, strict=True)]
+        prompts = [scoring.with_prefix(self.tokenizer, ctx) + cont for ctx, cont in pairs]
+        outs = self.generate(prompts, scoring.SCORE_PARAMS, use_tqdm=use_tqdm) if prompts else []
+        return [scoring.score_of(o, len(p) - len(cont)) for o, p, (_, cont) in zip(outs, prompts, pairs, strict=True)]
+
+    def loglikelihood_rolling(self, texts, use_tqdm: bool = False) -> list[float]:
+        """The log-likelihood of each whole text (a string or token ids), in windows of up to max_model_len
+        tokens each scored after the token before it (the first after the beginning-of-sequence token): the
+        sum of every token's logprob, for perplexity."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        windows, owner = [], []
+        for i, text in enumerate(texts):
+            ids = self._encode(text)[1] if isinstance(text, str) else list(text)
+            if ids[:1] == [self.tokenizer.bos_id]:
+                ids = ids[1:]
+            prefix = scoring.with_prefix(self.tokenizer, [])[0]
+            for w in scoring.rolling_windows(ids, prefix, self.max_model_len - 1):
+                windows.append(w)
+                owner.append(i)
+        outs = self.generate([w for w, _ in windows], scoring.SCORE_PARAMS, use_tqdm=use_tqdm) if windows else []
+        totals = [0.0] * len(texts)
+        for o, (_, ctx), i in zip(outs, windows, owner, strict=True):
+            totals[i] += scoring.score_of(o, ctx).logprob
+        return totals
+
     def chat(self, messages, params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Chat completion for one conversation (a list of messages) or a list of conversations."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -218,4 +251,4 @@ def _request_output(seqs, prompt_text) -> RequestOutput:
         )
         for s in seqs
     ]
-    return RequestOutput(seqs[0].request_id, prompt_text, seqs[0].prompt_ids, outs)
+    return RequestOutput(seqs[0].request_id, prompt_text, seqs[0].prompt_ids, outs, True, seqs[0].prompt_logprobs)

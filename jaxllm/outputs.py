@@ -31,13 +31,15 @@ class Usage:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """A request's prompt and its completions (all of them final once `finished`)."""
+    """A request's prompt and its completions (all of them final once `finished`). prompt_logprobs (when
+    asked for): one entry per prompt token, None for the first (nothing predicts it)."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def usage(self) -> Usage:

@@ -11,7 +11,10 @@ MAX_TOP_LOGPROBS = 20
 
 @dataclasses.dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 means greedy; top_k 0 means no top-k limit."""
+    """How to pick tokens and when to stop. temperature 0 means greedy; top_k 0 means no top-k limit.
+    logprobs: the chosen token's logprob and the N most likely at each generated step; prompt_logprobs: the
+    same for every prompt token after the first (from the prefill's own logits), as vLLM names it; with
+    max_tokens 0 a request only scores its prompt."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -28,6 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     n: int = 1
     skip_special_tokens: bool = True
 
@@ -43,8 +47,8 @@ class SamplingParams:
         def bad(msg):
             raise InvalidSamplingParamsError(msg, param=msg.split(" ", 1)[0])
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            bad(f"max_tokens must be an integer >= 0 (0: score the prompt only), got {self.max_tokens!r}")
         if not 0.0 <= self.temperature <= 100.0:
             bad(f"temperature must be in [0, 100], got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -69,6 +73,10 @@ class SamplingParams:
             bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             bad(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not (
+            isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS
+        ):
+            bad(f"prompt_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs!r}")
         if not isinstance(self.n, int) or self.n < 1:
             bad(f"n must be an integer >= 1, got {self.n!r}")
 

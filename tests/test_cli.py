@@ -67,7 +67,7 @@ def test_corrupt_gguf(tmp_path):
     [
         (["--temperature", "-1"], "temperature"),
         (["--top-p", "0"], "top_p"),
-        (["--max-tokens", "0"], "max_tokens"),
+        (["--max-tokens", "-1"], "max_tokens"),
     ],
 )
 def test_invalid_sampling_value(args, word):

@@ -37,6 +37,7 @@ class StreamOutput:
     finish_reason: str | None
     stop_reason: str | int | None = None
     cached_tokens: int = 0  # prompt tokens found in the prefix cache (counted once per prompt: index 0)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when asked for (see Update)
 
 
 @dataclasses.dataclass
@@ -195,6 +196,7 @@ class AsyncEngine:
                 s.finish_reason if u.finished else None,
                 s.stop_reason if u.finished else None,
                 s.cached_tokens if s.index == 0 else 0,
+                u.prompt_logprobs,
             )
             req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
 

@@ -45,7 +45,8 @@ class _Dispatched:
 
     prefills: list[tuple[object, object, dict[int, Sequence]]]
     decode: tuple[object, object, dict[int, Sequence]] | None
-    mixed: tuple[object, object, dict[int, Sequence]] | None = None
+    # tokens, (logprob info, prompt scores), row -> sequence, and the scored chunks (see `_scored_chunks`)
+    mixed: tuple[object, object, dict[int, Sequence], list] | None = None
 
 
 DEFAULT_CPU_KV_GIB = 4.0  # KV cache budget on the CPU when none is given
@@ -111,6 +112,12 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len}: shorten it"
             )
         params.check_vocab(self.cfg.vocab_size)
+        if params.prompt_logprobs is not None and not self.mixed_step:
+            raise InvalidRequestError(
+                "prompt_logprobs needs the mixed step, which this engine runs without: drop --no-mixed-step "
+                "(mixed_step=False)",
+                param="prompt_logprobs",
+            )
 
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -349,11 +356,14 @@ class Engine:
         every = two_variants([s.params for group in groups for s, _ in group]) != SamplerFlags()
         seqs = surface.seqs(max(map(len, groups)))
         shape = MixedShape(surface.tokens(busiest), seqs, surface.context(longest), every)
+        if any(_scores(s, c) for group in groups for s, c in group):
+            shape = surface.scoring_shape(shape.tokens, shape.context)
         return self._mixed_batch(shape, groups)
 
-    def _mixed_batch(self, shape: MixedShape, groups: list[list]) -> tuple[MixedBatch, dict[int, Sequence]]:
+    def _mixed_batch(self, shape: MixedShape, groups: list[list]) -> tuple[MixedBatch, tuple[dict, list]]:
         """A mixed step of this shape over each replica's entries ((sequence, None) for a decode, (sequence,
-        chunk) for a prefill chunk), and which sequence each sampled row belongs to. Replica r's tokens and
+        chunk) for a prefill chunk), and its owners: which sequence each sampled row belongs to, and the
+        chunks whose prompt tokens are scored (sequence, first token in the run, chunk). Replica r's tokens and
         sequences take the r-th equal part of the run; padding sequences have no tokens and write nowhere.
         The penalty inputs (`prior`, the prefix-cache tokens, and the logit bias) come only with the variant
         that applies penalties."""
@@ -366,6 +376,7 @@ class Engine:
         slots = np.full((n,), self.runner.slots, np.int32)  # padding sequences write nowhere
         prior = np.full((n, shape.context if shape.every else 0), self.cfg.vocab_size, np.int32)
         bias = np.zeros((n, self.cfg.vocab_size if shape.every else 0), np.float32)
+        targets = np.full((t if shape.scoring else 0,), -1, np.int32)  # -1: no prompt logprob asked for
         entries: list = [None] * n
         for r, group in enumerate(groups):  # replica r: sequences from r * n / parts, tokens from r * t / parts
             first, at = r * n // parts, r * t // parts
@@ -373,7 +384,7 @@ class Engine:
                 entries[i], q_starts[i] = entry, at
                 at += 1 if entry[1] is None else entry[1].end - entry[1].start
             q_starts[first + len(group) : (r + 1) * n // parts] = at  # padding sequences: none of the run
-        owners = {}
+        owners, scored = {}, []
         for i, entry in enumerate(entries):
             if entry is None:
                 continue
@@ -393,6 +404,10 @@ class Engine:
                     prior[i, : c.start] = ids[: c.start]
                 for tok, b in s.params.logit_bias.items():  # a logit bias selects the variant with penalties
                     bias[i, tok] = b
+                if _scores(s, c):  # each token's logits predict the next prompt token
+                    ahead = min(c.end, len(s.prompt_ids) - 1) - c.start
+                    targets[at : at + ahead] = s.prompt_ids[c.start + 1 : c.start + 1 + ahead]
+                    scored.append((s, at, c))
             if sample[i]:
                 owners[i] = s
         seqs = [e[0] if e else None for e in entries]
@@ -415,15 +430,18 @@ class Engine:
             table,
             row_params(plist, [s.seed if s else 0 for s in seqs], n),
             bias,
+            targets,
             shape.context,
             SamplerFlags.every() if shape.every else SamplerFlags(),
         )
-        return batch, owners
+        return batch, (owners, scored)
 
     def _process(self, done: _Dispatched) -> list[Update]:
         updates = []
         if done.mixed is not None:
-            toks, info, seqs = done.mixed
+            toks, (info, scores), (seqs, scored) = done.mixed
+            if scored:
+                _record_prompt_logprobs(scored, tuple(np.asarray(x) for x in scores))
             info = None if info is None else tuple(np.asarray(x)[:, None] for x in info)
             updates += self._apply(np.asarray(toks)[:, None], info, seqs)
         for first, info, seqs in done.prefills:
@@ -447,17 +465,39 @@ class Engine:
                 continue
             new, lps = [], []
             for j in range(toks.shape[1]):
-                lp = _logprob(s, info, row, j, int(toks[row, j]))
-                if lp is not None:
-                    lps.append(lp)
-                new.append(int(toks[row, j]))
-                s.append(new[-1], lp)
+                token, had = int(toks[row, j]), len(s.output_ids)
+                lp = _logprob(s, info, row, j, token)
+                s.append(token, lp)
+                if len(s.output_ids) > had:  # taken (max_tokens 0 takes none)
+                    new.append(token)
+                    lps += [lp] if lp is not None else []
                 if s.finished:
                     break
             if s.finished:
                 self.scheduler.release(s)
-            updates.append(Update(s, new, s.take_delta(), lps, s.finished))
+            prompt_lps = None
+            if s.prompt_logprobs is not None and not s.prompt_logprobs_sent:
+                prompt_lps, s.prompt_logprobs_sent = s.prompt_logprobs, True
+            updates.append(Update(s, new, s.take_delta(), lps, s.finished, prompt_lps))
         return updates
+
+
+def _scores(s: Sequence, chunk) -> bool:
+    """Whether this chunk of s computes logits that score prompt tokens s asked logprobs of."""
+    return chunk is not None and s.prompt_logprobs is not None and chunk.start < len(s.prompt_ids) - 1
+
+
+def _record_prompt_logprobs(scored, scores) -> None:
+    """Fill each scored chunk's prompt logprobs from the step's (logprob [tokens], top ids, top logprobs):
+    the logits at position p score prompt token p + 1. A chunk computed again (after preemption) rewrites the
+    same values."""
+    lps, top_ids, top_lps = scores
+    for s, at, c in scored:
+        k = s.params.prompt_logprobs
+        for p in range(c.start, min(c.end, len(s.prompt_ids) - 1)):
+            j = at + p - c.start
+            top = list(zip(top_ids[j, :k].tolist(), top_lps[j, :k].tolist(), strict=True))
+            s.prompt_logprobs[p + 1] = TokenLogprob(s.prompt_ids[p + 1], float(lps[j]), top)
 
 
 def _logprob(s: Sequence, info, row: int, j: int, token: int) -> TokenLogprob | None:

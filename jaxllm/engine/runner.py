@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.engine.kv_cache import KVCache, bytes_per_token
-from jaxllm.engine.sampling import RowParams, SamplerFlags, sample
+from jaxllm.engine.sampling import RowParams, SamplerFlags, sample, token_logprobs
 from jaxllm.kernels import Ragged
 from jaxllm.models.registry import forward
 from jaxllm.sharding import Placement, placed
@@ -110,7 +110,9 @@ class MixedBatch:
     sample (due a token: a decode or a last chunk), out_steps (outputs generated before, for chunks; a
     decode's come from its slot), block_tables [seqs, n_pages], params (RowParams), bias [seqs, V] (chunks;
     a decode keeps its slot's). The variant without penalties takes neither bias nor prior ([seqs, 0]) and keeps
-    no penalty state. Static: ctx_len (the context width attended), flags (sampler variant).
+    no penalty state. targets [tokens] (the scoring variant; [0] otherwise): the prompt token each token's
+    logits predict, whose logprob is asked for (out of range: none). Static: ctx_len (the context width
+    attended), flags (sampler variant).
     With data-parallel replicas the run comes in equal parts, one per replica (its tokens and sequences, with
     page ids of its pool); seq_ids, q_starts and slots index the whole run and all slots.
     """
@@ -131,6 +133,7 @@ class MixedBatch:
     block_tables: np.ndarray
     params: RowParams
     bias: np.ndarray
+    targets: np.ndarray
     ctx_len: int = dataclasses.field(metadata=dict(static=True))
     flags: SamplerFlags = dataclasses.field(default=SamplerFlags(), metadata=dict(static=True))
 
@@ -277,7 +280,8 @@ class ModelRunner:
 
     def mixed(self, batch: MixedBatch):
         """Run decodes and prefill chunks as one model call (weights read once) and sample a token for each
-        sequence due one; returns device arrays (tokens [seqs], logprob info) without waiting for them."""
+        sequence due one; returns device arrays without waiting for them: tokens [seqs], and (the sampled
+        tokens' logprob info or None, the scoring variant's `token_logprobs` of each token's target or None)."""
         if self.channel is not None:
             self.channel.send("mixed", batch)
         with placed(self.placement):
@@ -297,6 +301,7 @@ class ModelRunner:
         ctx_lens = jnp.where(batch.decoding, state.positions[slot], batch.ctx_lens)
         ragged = Ragged(batch.q_starts, batch.q_lens, batch.seq_ids, batch.tokens.shape[0])
         last = jnp.maximum(batch.q_starts + batch.q_lens - 1, 0)
+        scoring = batch.targets.shape[0] > 0  # the scoring variant: logits of every token, not only the last ones
         logits, cache = forward(
             self.model,
             params,
@@ -306,9 +311,11 @@ class ModelRunner:
             batch.block_tables,
             ctx_lens,
             batch.ctx_len,
-            logits_index=last,
+            logits_index=jnp.arange(batch.tokens.shape[0]) if scoring else last,
             ragged=ragged,
         )
+        scores = token_logprobs(logits, batch.targets) if scoring else None
+        logits = logits[last] if scoring else logits
         vocab = logits.shape[-1]
         steps = jnp.where(batch.decoding, state.steps[slot], batch.out_steps)
         to = jnp.where(batch.slots < self.slots, batch.slots, self.slots)  # padding sequences write nowhere
@@ -362,7 +369,7 @@ class ModelRunner:
             steps=put(state.steps, steps + 1, due),
             **kept,
         )
-        return cache, state, tok, info
+        return cache, state, tok, (info, scores)
 
     def _prefill_fn(self, params, cache, state, batch: PrefillBatch, stop_mask):
         self.compiles["prefill"] += 1

@@ -200,6 +200,8 @@ class Scheduler:
         s.prefill_len = len(tokens)
         s.hashes = page_hashes(tokens, self.page_size) if self.pools[0].prefix_caching else []
         usable = (len(tokens) - 1) // self.page_size  # the last token is always computed
+        if s.prompt_logprobs is not None and not s.prompt_logprobs_sent:
+            usable = 0  # its prompt logprobs come from computing every position: no cached prefix
         s.replica, cached, pending = self._place(s.hashes, usable)
         if pending:
             return None  # a running sequence is computing the next pages of this prefix: wait for them

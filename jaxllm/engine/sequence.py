@@ -26,6 +26,7 @@ class Update:
     text: str
     logprobs: list[TokenLogprob]
     finished: bool
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, with the first token after the prompt
 
 
 class Sequence:
@@ -46,6 +47,11 @@ class Sequence:
         self.prompt_ids, self.params, self.seed = list(prompt_ids), params, seed
         self.output_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
+        # With params.prompt_logprobs: each prompt token's logprob given the tokens before it (the first has none),
+        # filled in as the prompt's chunks are computed, and handed out once, with the first sampled token.
+        wanted = params.prompt_logprobs is not None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] * len(prompt_ids) if wanted else None
+        self.prompt_logprobs_sent = False
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.slot: int | None = None
@@ -93,6 +99,9 @@ class Sequence:
     def append(self, token: int, logprob: TokenLogprob | None) -> None:
         """Take one sampled token; sets finish_reason when a stop condition is met."""
         if self.finished:
+            return
+        if self.remaining() <= 0:  # max_tokens 0: the prompt was only scored
+            self.finish_reason = "length"
             return
         self.output_ids.append(token)
         if logprob is not None:

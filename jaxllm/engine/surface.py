@@ -6,7 +6,8 @@ them before serving. The configuration bounds the set:
 
 - mixed steps: token counts (powers of two from 16 up to 512, then multiples of 512, up to the token
   budget, `--max-num-batched-tokens`, then the budget plus 16, 32, ... decodes up to one per slot) × sequence counts (1,
-  4, 16, 64, ... up to the slots) × the sampler variant (plain greedy, or every part chosen on device).
+  4, 16, 64, ... up to the slots) × the sampler variant (plain greedy, or every part chosen on device),
+  and, for steps that score their prompt tokens (prompt logprobs), one shape per token count.
   With data-parallel replicas these count per replica: each replica gets an equal part of the flat run,
   sized for the busiest one;
 - decode dispatches: rows (powers of two up to the slots) × steps × the sampler variant. With the mixed
@@ -33,12 +34,13 @@ SEQ_GROWTH = 4  # sequence buckets of a mixed step grow 4x: sampling and the LM 
 @dataclasses.dataclass(frozen=True)
 class MixedShape:
     """A mixed step's static shape: flat tokens and sequences (over all replicas), attended context
-    (positions), sampler variant."""
+    (positions), sampler variant, and whether it scores every token (prompt logprobs)."""
 
     tokens: int
     seqs: int
     context: int
     every: bool
+    scoring: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,15 +126,22 @@ class Surface:
         return sorted({buckets.attn_bucket(n, self.max_model_len) for n in buckets.seq_buckets(self.max_model_len, 64)})
 
     def mixed_shapes(self) -> list[MixedShape]:
-        """Every mixed step shape (a sequence holds at least one token: no more sequences than tokens)."""
+        """Every mixed step shape (a sequence holds at least one token: no more sequences than tokens), and
+        the scoring steps: every token bucket with room for all the slots, under the sampler that decides
+        every part on device."""
+        r = self.replicas
         return [
-            MixedShape(t * self.replicas, n * self.replicas, c, every)
+            MixedShape(t * r, n * r, c, every)
             for t in self.token_buckets()
             for n in self.seq_buckets()
             if n <= t
             for c in self.contexts()
             for every in (False, True)
-        ]
+        ] + [self.scoring_shape(t * r, c) for t in self.token_buckets() for c in self.contexts()]
+
+    def scoring_shape(self, tokens: int, context: int) -> MixedShape:
+        """The shape of a mixed step that scores its prompt tokens (few compiled: it pads to all the slots)."""
+        return MixedShape(tokens, self.slots // self.replicas * self.replicas, context, True, scoring=True)
 
     def decode_shapes(self) -> list[DecodeShape]:
         per = self.slots // self.replicas

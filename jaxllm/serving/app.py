@@ -18,7 +18,7 @@ from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.errors import JaxLLMError
 from jaxllm.serving.errors import AuthenticationError, error_body, error_response, status_of
 from jaxllm.serving.metrics import Metrics
-from jaxllm.serving.routes import chat, completions, info
+from jaxllm.serving.routes import chat, completions, info, tokenize
 from jaxllm.serving.routes.common import ServerState
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ def create_app(
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
         Route("/v1/completions", completions.completions, methods=["POST"]),
         Route("/v1/models", info.models, methods=["GET"]),
+        Route("/tokenize", tokenize.tokenize, methods=["POST"]),
+        Route("/detokenize", tokenize.detokenize, methods=["POST"]),
+        Route("/tokenizer_info", tokenize.tokenizer_info, methods=["GET"]),
         Route("/health", info.health, methods=["GET"]),
         Route("/metrics", info.metrics, methods=["GET"]),
         Route("/openapi.json", info.openapi, methods=["GET"]),

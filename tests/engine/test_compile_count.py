@@ -68,20 +68,29 @@ def test_prefix_hits_compile_once_per_length_and_context_bucket(tiny_models, mix
     assert dict(llm.runner.compiles) == before
 
 
-def _random_params(rng) -> SamplingParams:
-    """One of the sampling modes a server meets, drawn at random."""
-    mode = rng.integers(7)
+MODES = 8
+
+
+def _random_params(rng, mode: int) -> SamplingParams:
+    """Sampling mode `mode` of the MODES a server meets, its values drawn at random."""
     base = dict(max_tokens=int(rng.integers(1, 24)), ignore_eos=bool(rng.integers(2)))
     return SamplingParams(
-        **base,
-        **[
+        **base
+        | [
             dict(temperature=0),
             dict(temperature=0.8, top_p=0.9, seed=int(rng.integers(1000))),
             dict(temperature=1.0, top_k=5, min_p=0.05),
             dict(temperature=0, logprobs=int(rng.integers(0, 4))),
             dict(temperature=0.7, repetition_penalty=1.2, presence_penalty=0.5, logit_bias={5: 2.0}),
-            dict(temperature=0, min_tokens=3, frequency_penalty=0.3, stop_token_ids=[7, 11], stop=["x"]),
+            dict(
+                temperature=0,
+                min_tokens=min(3, base["max_tokens"]),
+                frequency_penalty=0.3,
+                stop_token_ids=[7, 11],
+                stop=["x"],
+            ),
             dict(temperature=0.9, n=int(rng.integers(2, 4)), logprobs=1),
+            dict(temperature=0, prompt_logprobs=int(rng.integers(0, 3)), max_tokens=int(rng.integers(0, 3))),
         ][mode],
     )
 
@@ -89,6 +98,7 @@ def _random_params(rng) -> SamplingParams:
 @pytest.mark.slow
 def test_after_warmup_a_random_serving_workload_compiles_nothing(tiny_models):
     """Arrivals over time, prompts of 1-2,000 tokens (some sharing prefixes), n, every sampling mode, logprobs,
+    prompt logprobs (scoring),
     penalties, stops, cancellations and preemption: after `warmup`, no step compiles anything."""
     import jax
     import numpy as np
@@ -97,7 +107,7 @@ def test_after_warmup_a_random_serving_workload_compiles_nothing(tiny_models):
 
     folder, _ = tiny_models["llama"]
     cfg = LLM(str(folder), progress=False).config
-    pages = 300  # 4,800 tokens for 4 sequences of up to 2,048: long prompts preempt each other
+    pages = 200  # 3,200 tokens for 4 sequences of up to 2,048: long prompts preempt each other
     llm = LLM(
         str(folder),
         max_model_len=2048,
@@ -125,7 +135,7 @@ def test_after_warmup_a_random_serving_workload_compiles_nothing(tiny_models):
     jax.monitoring.register_event_duration_secs_listener(on_event)
     rng = np.random.default_rng(0)
     shared = rng.integers(3, cfg.vocab_size, 900).tolist()
-    arrivals, finished, aborted = 30, 0, 0
+    arrivals, finished, aborted, scoring = 30, 0, 0, 0
     live: list[str] = []
     while arrivals or engine.has_unfinished():
         if arrivals and rng.random() < 0.3:
@@ -133,8 +143,9 @@ def test_after_warmup_a_random_serving_workload_compiles_nothing(tiny_models):
             prompt = rng.integers(3, cfg.vocab_size, length).tolist()
             if rng.random() < 0.3:
                 prompt = shared[: min(length, len(shared))] + prompt[len(shared) :]
-            seqs = engine.add_request(prompt, _random_params(rng))
+            seqs = engine.add_request(prompt, _random_params(rng, arrivals % MODES))  # every mode, in turn
             live.append(seqs[0].request_id)
+            scoring += seqs[0].prompt_logprobs is not None
             arrivals -= 1
         if live and rng.random() < 0.04:
             aborted += bool(engine.abort(live.pop(int(rng.integers(len(live))))))
@@ -142,4 +153,4 @@ def test_after_warmup_a_random_serving_workload_compiles_nothing(tiny_models):
     listening[0] = False
     assert compiled == [], f"{len(compiled)} compilations after warm-up"
     assert dict(llm.runner.compiles) == {"mixed": len(engine.surface.mixed_shapes()), "decode": 6}
-    assert engine.scheduler.preemptions > 0 and aborted > 0 and finished > 0
+    assert engine.scheduler.preemptions > 0 and aborted > 0 and finished > 0 and scoring > 0

@@ -67,7 +67,9 @@ def test_the_shape_count_follows_from_the_configuration():
     assert surface.tokens(512 + 3) == 528 and surface.tokens(512 + 17) == 544
     assert surface.seq_buckets() == [1, 4, 16, 32]
     # a step never holds more sequences than tokens: 16 tokens take 1, 4 or 16 sequences
-    assert len(surface.mixed_shapes()) == 2 * (3 + 7 * 4)
+    # and one scoring shape (prompt logprobs) per token bucket, with room for every slot
+    assert len(surface.mixed_shapes()) == 2 * (3 + 7 * 4) + 8
+    assert MixedShape(16, 32, 2048, True, scoring=True) in surface.mixed_shapes()
     assert MixedShape(16, 32, 2048, True) not in surface.mixed_shapes()
     # mixed: decodes alone always run decode_steps; separate: also one step while prompts wait
     assert len(surface.decode_shapes()) == 6 * 2

@@ -32,16 +32,16 @@ def test_warmup_compiles_the_bounded_surface_before_health_and_serving_compiles_
         healthy = time.perf_counter() - start
         surface = llm.engine.surface
         surface_size = len(surface.mixed_shapes()) + len(surface.decode_shapes())
-        # 2 slots, 64 prompt tokens a step: tokens 16/32/64/66 x sequences 1/2 x 2 sampler variants; decode
-        # rows 1/2 x 2 sampler variants
-        assert surface_size == 4 * 2 * 2 + 2 * 2
+        # 2 slots, 64 prompt tokens a step: tokens 16/32/64/66 x sequences 1/2 x 2 sampler variants, and the
+        # 4 token counts scoring prompts; decode rows 1/2 x 2 sampler variants
+        assert surface_size == 4 * 2 * 2 + 4 + 2 * 2
         metrics = httpx.get(server.url + "/metrics").text
         assert _metric(metrics, "jaxllm_warmup_compiled_shapes") == surface_size
         seconds = _metric(metrics, "jaxllm_warmup_seconds")
         assert 0 < seconds < healthy
         assert f"compiled {surface_size} step shapes in {seconds:.1f} s" in caplog.text
         before = dict(llm.runner.compiles)
-        assert before == {"mixed": 16, "decode": 4}
+        assert before == {"mixed": 20, "decode": 4}
 
         def complete(body):
             r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", **body}, timeout=120)
@@ -54,6 +54,8 @@ def test_warmup_compiles_the_bounded_surface_before_health_and_serving_compiles_
         ] + [
             {"prompt": [7] * 30, "max_tokens": 6, "n": 2, "temperature": 0.9, "logprobs": 2},
             {"prompt": [9] * 70, "max_tokens": 8, "presence_penalty": 0.5, "logit_bias": {"5": 3}, "stream": True},
+            {"prompt": [11] * 90, "max_tokens": 0, "echo": True, "logprobs": 1},  # scoring, over two steps
+            {"prompt": [12] * 20, "max_tokens": 3, "echo": True, "logprobs": 0, "temperature": 0.5},
         ]
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             list(pool.map(complete, bodies))

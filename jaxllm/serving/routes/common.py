@@ -54,19 +54,20 @@ async def parse_body(request: Request, state: ServerState, model: type[BaseModel
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         raise InvalidRequestError(f"{param}: {err['msg']}", param=param) from None
-    if req.model not in state.model_names:
+    if req.model is not None and req.model not in state.model_names:  # (optional only for the tokenizer routes)
         raise ModelMismatchError(
             f"the model {req.model!r} does not exist; this server has {state.model_names}", param="model"
         )
     return req
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str) -> int:
-    """max_tokens, defaulting to what fits; a prompt plus max_tokens beyond the context is an error."""
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str, least: int = 1) -> int:
+    """max_tokens, defaulting to what fits; a prompt plus max_tokens beyond the context is an error, as is
+    fewer than `least` (0 where a request may only score its prompt)."""
     if requested is None:
         requested = max_model_len - prompt_len
-    if requested < 1:
-        raise InvalidRequestError(f"{param} must be >= 1, got {requested}", param=param)
+    if requested < least:
+        raise InvalidRequestError(f"{param} must be >= {least}, got {requested}", param=param)
     if prompt_len + requested > max_model_len:
         raise ContextLengthError(
             f"this model's context is {max_model_len} tokens, but the prompt has {prompt_len} and {param} asks "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from starlette.requests import Request
@@ -23,18 +24,25 @@ def _prompts(llm, prompt) -> list[list[int]]:
     return [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _logprobs(tokenizer, lps, offset: int) -> dict:
-    tokens = [tokenizer.token_str(lp.token_id) for lp in lps]
+def _logprobs(tokenizer, lps, offset: int, prompt: tuple[list[int], list] | None = None) -> dict:
+    """OpenAI's legacy logprobs object for generated tokens `lps` whose text starts at `offset`; with
+    `prompt` (its token ids and prompt logprobs: echo), the prompt's tokens come first from offset 0, the
+    first with a null logprob as nothing predicts it."""
+    ids = [lp.token_id for lp in lps]
+    chosen = [lp.logprob for lp in lps]
+    top = [{tokenizer.token_str(t): v for t, v in lp.top} for lp in lps]
+    if prompt is not None:
+        prompt_ids, plps = prompt
+        ids = list(prompt_ids) + ids
+        chosen = [lp.logprob if lp else None for lp in plps] + chosen
+        top = [{tokenizer.token_str(t): v for t, v in lp.top} if lp else None for lp in plps] + top
+        offset = 0
+    tokens = [tokenizer.token_str(t) for t in ids]
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{tokenizer.token_str(t): v for t, v in lp.top} for lp in lps],
-        "text_offset": offsets,
-    }
+    return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": top, "text_offset": offsets}
 
 
 async def completions(request: Request):
@@ -44,8 +52,12 @@ async def completions(request: Request):
     llm = state.llm
     prompts = _prompts(llm, req.prompt)
     longest = max(len(p) for p in prompts)
-    max_tokens = resolve_max_tokens(req.max_tokens, longest, llm.max_model_len, "max_tokens")
+    # With echo, max_tokens 0 scores the prompt alone (its logprobs, with `logprobs`).
+    least = 0 if req.echo else 1
+    max_tokens = resolve_max_tokens(req.max_tokens, longest, llm.max_model_len, "max_tokens", least)
     params = req.sampling_params(max_tokens, req.logprobs)
+    if req.echo and req.logprobs is not None:
+        params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
     rid, created = request_id("cmpl"), int(time.time())
     for p in prompts:
         llm.engine.check_prompt(p, params)
@@ -70,26 +82,27 @@ async def completions(request: Request):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         sum_prompt = sum(len(p) for p in prompts)
         return StreamingResponse(
-            _events(
-                state, base, outputs(), merged, params.n, echo, include_usage, sum_prompt, req.logprobs is not None
-            ),
+            _events(state, base, outputs(), merged, params.n, prompts, echo, include_usage, sum_prompt, req.logprobs),
             media_type="text/event-stream",
         )
     k = len(prompts) * params.n
     texts, lps, finish, tokens = list(echo_for(echo, params.n)), [[] for _ in range(k)], [None] * k, 0
+    scored: list = [None] * k  # each choice's prompt logprobs (echo with logprobs)
     cached = [0] * len(prompts)
     async for i, out in outputs():
         cached[i] = max(cached[i], out.cached_tokens)
         j = i * params.n + out.index
         texts[j] += out.text
         lps[j] += out.logprobs
+        if out.prompt_logprobs is not None:
+            scored[j] = (prompts[i], out.prompt_logprobs)
         finish[j] = out.finish_reason or finish[j]
         tokens += len(out.token_ids)
     choices = [
         {
             "index": j,
             "text": texts[j],
-            "logprobs": _logprobs(llm.tokenizer, lps[j], len(echo[j // params.n]))
+            "logprobs": _logprobs(llm.tokenizer, lps[j], len(echo[j // params.n]), scored[j])
             if req.logprobs is not None
             else None,
             "finish_reason": finish[j],
@@ -108,7 +121,7 @@ def echo_for(echo: list[str], n: int):
             yield e
 
 
-async def _events(state, base, outputs, merged, n, echo, include_usage, prompt_tokens, logprobs):
+async def _events(state, base, outputs, merged, n, prompts, echo, include_usage, prompt_tokens, logprobs):
     chunk = {**base, "object": "text_completion"}
     completion = 0
     echoed = set()
@@ -122,8 +135,9 @@ async def _events(state, base, outputs, merged, n, echo, include_usage, prompt_t
                 echoed.add(j)
                 text = echo[i] + text
             completion += len(out.token_ids)
-            if text or out.finish_reason or (logprobs and out.logprobs):
-                lp = _logprobs(state.llm.tokenizer, out.logprobs, 0) if logprobs else None
+            if text or out.finish_reason or (logprobs is not None and out.logprobs):
+                scored = (prompts[i], out.prompt_logprobs) if out.prompt_logprobs is not None else None
+                lp = _logprobs(state.llm.tokenizer, out.logprobs, 0, scored) if logprobs is not None else None
                 yield event(
                     {
                         **chunk,

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 
 from jaxllm.engine.async_engine import EngineStats
 from jaxllm.serving.errors import error_body
-from jaxllm.serving.protocol import ChatCompletionRequest, CompletionRequest
+from jaxllm.serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 CREATED = int(time.time())
 
@@ -46,7 +46,7 @@ def _op(summary: str, schema: str | None = None) -> dict:
 def openapi_spec() -> dict:
     """The OpenAPI description of the routes, with request schemas taken from the pydantic models."""
     schemas = {}
-    for model in (ChatCompletionRequest, CompletionRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest):
         s = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(s.pop("$defs", {}))
         schemas[model.__name__] = s
@@ -59,6 +59,9 @@ def openapi_spec() -> dict:
             "/v1/models": {"get": _op("List the served models")},
             "/health": {"get": _op("200 when ready, 503 while loading or shutting down")},
             "/metrics": {"get": _op("Prometheus metrics")},
+            "/tokenize": {"post": _op("Token ids of a text", "TokenizeRequest")},
+            "/detokenize": {"post": _op("The text of token ids", "DetokenizeRequest")},
+            "/tokenizer_info": {"get": _op("The tokenizer's special tokens and chat template")},
         },
         "components": {"schemas": schemas},
     }
