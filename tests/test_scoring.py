@@ -104,18 +104,17 @@ def test_score_and_rolling_loglikelihood_equal_transformers(chunked, hf_smollm2)
     (mine,) = chunked.score([c_ids], [gen.outputs[0].token_ids])
     assert mine.greedy and mine.tokens == 4
     assert mine.logprob == pytest.approx(sum(lp.logprob for lp in gen.outputs[0].logprobs), abs=1e-4)
-    # The rolling log-likelihood: windows of the context (here 64 tokens), each after the token before it.
-    small = LLM(loaded=chunked.loaded, max_num_seqs=4, max_model_len=64, token_budget=32)
-    text = " ".join([TEXT] * 4)
-    ids = small.tokenizer.encode(text)
-    total = small.loglikelihood_rolling([text, ids])
-    bos = small.tokenizer.bos_id
+    # The rolling log-likelihood: windows of the context (here 256 tokens), each after the token before it.
+    text = " ".join([TEXT] * 12)
+    ids = chunked.tokenizer.encode(text)
+    total = chunked.loglikelihood_rolling([text, ids])
+    bos = chunked.tokenizer.bos_id
     want = 0.0
-    for window, ctx in rolling_windows(ids, bos, 63):
+    for window, ctx in rolling_windows(ids, bos, 255):
         ref = hf_logprobs(model, window)
         want += float(ref[np.arange(ctx - 1, len(window) - 1), window[ctx:]].sum())
     assert total == pytest.approx([want, want], abs=5e-3)
-    assert len(ids) > 63  # it took more than one window
+    assert len(ids) > 255  # it took more than one window
 
 
 def test_prompt_logprobs_need_the_mixed_step(chunked):

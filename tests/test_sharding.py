@@ -358,7 +358,8 @@ if which == "tiny":
     shapes, _ = warm.engine.warmup()
     traced = dict(warm.runner.compiles)
     same_run(one, warm, prompts)
-    assert shapes == 12 and dict(warm.runner.compiles) == traced, (shapes, traced, warm.runner.compiles)
+    # tokens 16/18 x sequences 1/2 x 2 variants, 2 scoring shapes, decode rows 1/2 x 2 variants
+    assert shapes == 14 and dict(warm.runner.compiles) == traced, (shapes, traced, warm.runner.compiles)
     q_one = LLM(folder, tensor_parallel=1, quant="int8", progress=False)
     q_tp = LLM(folder, tensor_parallel=2, quant="int8", progress=False)
     assert q_tp.loaded.params["params"]["layers"]["mlp"]["down"].q.sharding.spec[-1] == "model"  # K split

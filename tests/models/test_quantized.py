@@ -74,7 +74,7 @@ def test_f16_and_bf16_tensors_stay_in_their_dtype_and_run_as_the_float32_copy(wh
 
 
 def _assert_same_run(quantized, reference):
-    params = SamplingParams(temperature=0, max_tokens=64, min_tokens=64)
+    params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
     for ids in _prompts(reference):
         np.testing.assert_allclose(_logits(quantized, ids), _logits(reference, ids), atol=1e-3, rtol=0)
         want = reference.generate(ids, params, use_tqdm=False)[0].outputs[0].token_ids
@@ -103,8 +103,8 @@ def test_perplexity_of_each_quantization_stays_near_float32(smollm2):
     from jaxllm.loading.load import LoadOptions, load_model
 
     text = Path(__file__).resolve().parents[1] / "data" / "perplexity.txt"
-    ids = read_text_ids(smollm2.tokenizer, text)
-    assert len(ids) > 1800
+    ids = read_text_ids(smollm2.tokenizer, text)[:1024]  # 1,024 tokens of English: 5 runs within CI's time
+    assert len(ids) == 1024
     base = perplexity(smollm2.loaded, ids).perplexity
     for quant, bound in (("int8", 0.01), ("int4", 0.08), ("fp8", 0.02)):
         loaded = load_model("smollm2", progress=False, options=LoadOptions(quant=quant))
