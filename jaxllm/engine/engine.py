@@ -340,7 +340,7 @@ class Engine:
             row_params(params, seeds, shape.rows), active, table, shape.rows, shape.context, shape.steps, flags
         )
 
-    def _mixed(self, plan: Plan) -> tuple[MixedBatch, dict[int, Sequence]]:
+    def _mixed(self, plan: Plan) -> tuple[MixedBatch, tuple[dict, list]]:
         """The plan's decodes (one step each) and prefill chunks as one flat run of tokens, replica by replica:
         in each, decodes first, one token each, then each chunk's tokens; padded to a shape of the surface."""
         assert plan.decode_steps == 1 or not plan.decodes, "a mixed step decodes one token per sequence"
