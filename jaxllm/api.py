@@ -195,12 +195,12 @@ class LLM:
         tokens each scored after the token before it (the first after the beginning-of-sequence token): the
         sum of every token's logprob, for perplexity."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        prefix = scoring.with_prefix(self.tokenizer, [])[0] if texts else None
         windows, owner = [], []
         for i, text in enumerate(texts):
-            ids = self._encode(text)[1] if isinstance(text, str) else list(text)
-            if ids[:1] == [self.tokenizer.bos_id]:
+            ids = self._encode(text)[1]
+            if ids[:1] == [prefix]:
                 ids = ids[1:]
-            prefix = scoring.with_prefix(self.tokenizer, [])[0]
             for w in scoring.rolling_windows(ids, prefix, self.max_model_len - 1):
                 windows.append(w)
                 owner.append(i)

@@ -39,7 +39,8 @@ QUESTIONS = [
 ]
 
 
-def _best_time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of fn(), in seconds (the other benchmark scripts use it too)."""
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -99,12 +100,12 @@ def worker_jaxllm(args) -> dict:
             return llm.generate(batch, fixed(n), use_tqdm=False)
 
         run(args.tokens), run(1)  # compile every bucket this size touches
-        t_n = _best_time(lambda run=run: run(args.tokens), args.repeats)
-        t_1 = _best_time(lambda run=run: run(1), args.repeats)
+        t_n = best_time(lambda run=run: run(args.tokens), args.repeats)
+        t_1 = best_time(lambda run=run: run(1), args.repeats)
         out[f"decode_b{b}_tps"] = b * (args.tokens - 1) / (t_n - t_1)
     long = [(7 * i) % 30000 + 100 for i in range(512)]
     llm.generate(long, fixed(1), use_tqdm=False)
-    out["prefill512_s"] = _best_time(lambda: llm.generate(long, fixed(1), use_tqdm=False), args.repeats)
+    out["prefill512_s"] = best_time(lambda: llm.generate(long, fixed(1), use_tqdm=False), args.repeats)
     out["peak_rss_gib"] = _peak_rss_gib()
     return out
 
@@ -141,13 +142,13 @@ def worker_transformers(args) -> dict:
     out = {"load_s": load_s, "first_call_s": time.perf_counter() - t}
     for b in args.hf_batches:
         batch = [prompts[i % len(prompts)] for i in range(b)]
-        t_n = _best_time(lambda batch=batch: gen(batch, args.tokens), args.repeats)
-        t_1 = _best_time(lambda batch=batch: gen(batch, 1), args.repeats)
+        t_n = best_time(lambda batch=batch: gen(batch, args.tokens), args.repeats)
+        t_1 = best_time(lambda batch=batch: gen(batch, 1), args.repeats)
         out[f"decode_b{b}_tps"] = b * (args.tokens - 1) / (t_n - t_1)
     long = torch.tensor([[(7 * i) % 30000 + 100 for i in range(512)]])
     with torch.no_grad():
         model(long)
-        out["prefill512_s"] = _best_time(lambda: model(long), args.repeats)
+        out["prefill512_s"] = best_time(lambda: model(long), args.repeats)
     out["peak_rss_gib"] = _peak_rss_gib()
     return out
 
@@ -175,8 +176,8 @@ def worker_llama_cpp(args) -> dict:
     t = time.perf_counter()
     decode(8)
     out = {"load_s": load_s, "first_call_s": time.perf_counter() - t, "weight_mib": files.path.stat().st_size / 2**20}
-    t_n = _best_time(lambda: decode(args.tokens), args.repeats)
-    t_1 = _best_time(lambda: decode(1), args.repeats)
+    t_n = best_time(lambda: decode(args.tokens), args.repeats)
+    t_1 = best_time(lambda: decode(1), args.repeats)
     out["decode_b1_tps"] = (args.tokens - 1) / (t_n - t_1)
     long = [(7 * i) % 30000 + 100 for i in range(512)]
 
@@ -185,7 +186,7 @@ def worker_llama_cpp(args) -> dict:
         llm.eval(long)
 
     prefill()
-    out["prefill512_s"] = _best_time(prefill, args.repeats)
+    out["prefill512_s"] = best_time(prefill, args.repeats)
     out["peak_rss_gib"] = _peak_rss_gib()
     return out
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench import write_report  # noqa: E402
+from bench import best_time, write_report  # noqa: E402
 
 BEGIN, END = "<!-- bench:scoring -->", "<!-- /bench:scoring -->"
 CONTINUATION = 32
@@ -32,22 +31,13 @@ def pairs(tokenizer, n: int, context: int) -> list[tuple[list[int], list[int]]]:
     return [(ids[s : s + context], ids[s + context : s + width]) for s in starts]
 
 
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def jaxllm_rate(work, dequantize: bool, repeats: int) -> tuple[float, list[float]]:
     from jaxllm import LLM
 
     llm = LLM("smollm2", dequantize=dequantize, max_num_seqs=32, max_model_len=512, progress=False)
     contexts, continuations = [c for c, _ in work], [x for _, x in work]
     scores = llm.score(contexts, continuations)  # compiles the scoring shapes
-    seconds = best(lambda: llm.score(contexts, continuations), repeats)
+    seconds = best_time(lambda: llm.score(contexts, continuations), repeats)
     return sum(len(c) + len(x) for c, x in work) / seconds, [s.logprob for s in scores]
 
 
@@ -77,7 +67,7 @@ def hf_rate(work, batch: int, repeats: int) -> tuple[float, list[float]]:
                 pos = torch.arange(len(c) - 1, len(c) + len(x) - 1)
                 sums.append(float(logp[j, pos, torch.tensor(x)].sum()))
 
-    seconds = best(run, repeats)
+    seconds = best_time(run, repeats)
     return sum(len(c) + len(x) for c, x in work) / seconds, list(sums)
 
 
