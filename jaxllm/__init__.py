@@ -20,6 +20,7 @@ from jaxllm.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",
+    "load",
     "SamplingParams",
     "RequestOutput",
     "CompletionOutput",
@@ -37,10 +38,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """`LLM` is imported on first use, so that `jaxllm.kernels` and friends load without the engine's
+    """`LLM` and `load` are imported on first use, so that `jaxllm.kernels` and friends load without the engine's
     dependencies (loaders, tokenizers), e.g. on a bare GPU machine."""
-    if name == "LLM":
-        from jaxllm.api import LLM
+    if name in ("LLM", "load"):
+        from jaxllm import api
 
-        return LLM
+        return getattr(api, name)
     raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")

@@ -15,7 +15,7 @@ from jaxllm.distributed import Cluster
 from jaxllm.engine.engine import Engine
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.errors import InvalidRequestError
-from jaxllm.loading.load import LoadedModel, LoadOptions, Parallelism, load_model
+from jaxllm.loading.load import LoadedModel, LoadOptions, Parallelism, load_model, same_layout
 from jaxllm.outputs import CompletionOutput, RequestOutput, StreamDelta
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scoring import Score
@@ -24,6 +24,37 @@ from jaxllm.scoring import Score
 def default_dtype():
     """float32 on the CPU (bf16 is several times slower on XLA:CPU), bfloat16 on accelerators."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def load(
+    model: str | None = None,
+    *,
+    dtype=None,
+    quant: str | None = None,
+    dequantize: bool | None = None,
+    quant_embeddings: bool = False,
+    chat_template: str | None = None,
+    scan_layers: bool = True,
+    tensor_parallel: int | None = None,
+    data_parallel: int = 1,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a model for research: its `config`, `tokenizer`, `params` pytree and a pure
+    `forward(params, tokens, positions=None, hidden_layers=())` to `jax.jit`, `jax.grad` and `jax.vmap`
+    (see `LoadedModel.forward`). The result also goes to `LLM(loaded=...)`, with edited params through
+    `.with_params(params)`. Arguments as in `LLM`: dtype (default float32 on the CPU, bfloat16 on
+    accelerators; a .gguf file keeps its quantized formats unless a dtype or `dequantize=True` is given),
+    quant (an in-situ quantization scheme), tensor_parallel / data_parallel (the device layout)."""
+    options = LoadOptions(quant, dtype is not None if dequantize is None else dequantize, quant_embeddings)
+    return load_model(
+        model,
+        dtype or default_dtype(),
+        chat_template=chat_template,
+        progress=progress,
+        scan_layers=scan_layers,
+        options=options,
+        parallel=Parallelism(tensor_parallel, data_parallel),
+    )
 
 
 class LLM:
@@ -47,6 +78,9 @@ class LLM:
     None (the default): where the attention reads ragged batches only up to each sequence's length (the
     native CPU kernel; the Pallas kernel on a GPU, once it passes a check at start); False runs each prefill
     group and the decode as calls of their own.
+    lora: LoRA adapters to serve, name -> a PEFT folder, an orbax checkpoint (`jaxllm.lora.save_adapter`) or
+    an `Adapter`; requests name theirs (`generate(..., lora=name)`), and `add_lora` adds more at any time.
+    max_loras, max_lora_rank: the adapter slots (adapters served at once) and the rank each module takes.
     `weight_bytes` says how many bytes the weights take on the device(s).
     """
 
@@ -74,20 +108,25 @@ class LLM:
         cluster: Cluster | None = None,
         progress: bool = True,
         loaded: LoadedModel | None = None,
+        lora: dict | None = None,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ):
-        options = LoadOptions(quant, dtype is not None if dequantize is None else dequantize, quant_embeddings)
         if cluster is not None:
             distributed.initialize(cluster)
-        dtype = dtype or default_dtype()
-        self.loaded = loaded or load_model(
+        self.loaded = loaded or load(
             model,
-            dtype,
+            dtype=dtype,
             chat_template=chat_template,
             progress=progress,
             scan_layers=scan_layers,
-            options=options,
-            parallel=Parallelism(tensor_parallel, data_parallel),
+            quant=quant,
+            dequantize=dequantize,
+            quant_embeddings=quant_embeddings,
+            tensor_parallel=tensor_parallel,
+            data_parallel=data_parallel,
         )
+        dtype = self.loaded.dtype
         self.config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.max_model_len = max_model_len or min(self.config.max_position_embeddings, 8192)
         self.runner = ModelRunner(
@@ -110,6 +149,9 @@ class LLM:
             prefix_caching=prefix_caching,
             mixed_step=mixed_step,
         )
+        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        for name, adapter in (lora or {}).items():
+            self.add_lora(name, adapter)
 
     def follow(self) -> int:
         """On a follower of a multi-process group (`cluster.process_id` > 0): run the leader's steps until it
@@ -132,6 +174,46 @@ class LLM:
         """Bytes the model's weights take on the device(s), quantized or not."""
         return self.loaded.weight_bytes
 
+    @property
+    def params(self):
+        """The params pytree the engine runs (see `set_params`)."""
+        return self.runner.params
+
+    def set_params(self, params) -> None:
+        """Generate with other params from now on: edited ones (an ablated head, a swapped layer) of the same
+        structure, shapes and dtypes, e.g. from `jaxllm.load(...).params`. Nothing is reloaded or recompiled;
+        the prefix cache, computed with the old params, is dropped. Only between requests."""
+        if self.engine.has_unfinished():
+            raise InvalidRequestError("set_params runs between requests: wait for the running ones to finish")
+        self.runner.params = same_layout(self.runner.params, params)
+        self.loaded = self.loaded.with_params(self.runner.params)
+        for pool in self.engine.scheduler.pools:
+            pool.forget_cached()
+
+    # ---- LoRA adapters --------------------------------------------------------------------------
+    def add_lora(self, name: str, adapter) -> None:
+        """Serve a LoRA adapter under `name` from now on, without a restart: an `Adapter` (e.g. from
+        `jaxllm.train.lora_finetune`), a PEFT folder or an orbax checkpoint. Requests pick it by name
+        (`generate(..., lora=name)`, or the `model` field through the server); an existing name is replaced."""
+        from jaxllm import lora
+
+        if not isinstance(adapter, lora.Adapter):
+            adapter = lora.read_adapter(adapter, self.config)
+        slots = None
+        if self.engine.runner.lora is None:
+            sharding = self.loaded.placement.replicated() if self.loaded.placement is not None else None
+            slots = lora.LoraSlots(self.config, self.max_loras, self.max_lora_rank, self.loaded.dtype, sharding)
+        self.engine.add_lora(name, adapter, slots)
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving the adapter called `name`."""
+        self.engine.remove_lora(name)
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The adapters served, by name."""
+        return self.engine.lora_names
+
     # ---- prompts --------------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
         t = self.tokenizer
@@ -153,21 +235,33 @@ class LLM:
 
     # ---- generation -----------------------------------------------------------------------------
     def generate(
-        self, prompts, params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True
+        self,
+        prompts,
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for one prompt or a list (strings or token-id lists), all batched together."""
+        """Generate for one prompt or a list (strings or token-id lists), all batched together. lora: the
+        adapter (by name, see `add_lora`) of every prompt, or one per prompt (None: the base model)."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise InvalidRequestError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        adapters = lora if isinstance(lora, list) else [lora] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise InvalidRequestError(f"got {len(adapters)} LoRA names for {len(prompts)} prompts")
+        for name in set(adapters):
+            self.engine.lora_slot(name)
         encoded = [self._encode(p) for p in prompts]
         for (_, ids), p in zip(encoded, plist, strict=True):
             self.engine.check_prompt(ids, p)
         total = sum(p.n for p in plist)
         longest = max(len(ids) + p.max_tokens for (_, ids), p in zip(encoded, plist, strict=True))
         self.engine.reserve(total, longest)
-        seqs = [self.engine.add_request(ids, p) for (_, ids), p in zip(encoded, plist, strict=True)]
+        seqs = [
+            self.engine.add_request(ids, p, lora=a) for (_, ids), p, a in zip(encoded, plist, adapters, strict=True)
+        ]
         bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm or len(prompts) < 2)
         unfinished = {group[0].request_id: len(group) for group in seqs}  # each sequence finishes once
         while self.engine.has_unfinished():
@@ -210,19 +304,22 @@ class LLM:
             totals[i] += scoring.score_of(o, ctx).logprob
         return totals
 
-    def chat(self, messages, params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+    def chat(
+        self, messages, params: SamplingParams | None = None, use_tqdm: bool = True, lora: str | None = None
+    ) -> list[RequestOutput]:
         """Chat completion for one conversation (a list of messages) or a list of conversations."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.apply_chat_template(m) for m in convs]
-        return self.generate(prompts, params, use_tqdm=use_tqdm)
+        return self.generate(prompts, params, use_tqdm=use_tqdm, lora=lora)
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+    def stream(self, prompt, params: SamplingParams | None = None, lora: str | None = None) -> Iterator[StreamDelta]:
         """Yield text deltas of one prompt (string or token ids) as they are generated."""
         params = params or SamplingParams()
         _, ids = self._encode(prompt)
         self.engine.check_prompt(ids, params)
+        self.engine.lora_slot(lora)
         self.engine.reserve(params.n, len(ids) + params.max_tokens)
-        rid = self.engine.add_request(ids, params)[0].request_id
+        rid = self.engine.add_request(ids, params, lora=lora)[0].request_id
         try:
             while self.engine.has_unfinished():
                 for u in self.engine.step():
@@ -235,8 +332,10 @@ class LLM:
             while self.engine.has_unfinished():
                 self.engine.step()
 
-    def stream_chat(self, messages, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
-        return self.stream(self.apply_chat_template(messages), params)
+    def stream_chat(
+        self, messages, params: SamplingParams | None = None, lora: str | None = None
+    ) -> Iterator[StreamDelta]:
+        return self.stream(self.apply_chat_template(messages), params, lora)
 
 
 def _request_output(seqs, prompt_text) -> RequestOutput:

@@ -81,13 +81,14 @@ def write_byte_tokenizer(folder, vocab_size: int):
     )
 
 
-def make_tiny_model(folder, arch: str, seed: int = 0):
-    """Write a random-weight transformers model of `arch` (see TINY_ARCHS) with save_pretrained."""
+def make_tiny_model(folder, arch: str, seed: int = 0, **overrides):
+    """Write a random-weight transformers model of `arch` (see TINY_ARCHS, with config `overrides`) with
+    save_pretrained."""
     import torch
     import transformers
 
     cls_name, extra = TINY_ARCHS[arch]
-    config = getattr(transformers, cls_name)(**{**TINY, **extra})
+    config = getattr(transformers, cls_name)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if arch == "qwen2":  # give the qkv biases non-zero values so that they are tested

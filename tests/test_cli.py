@@ -234,3 +234,11 @@ def test_perplexity_with_in_situ_int8():
     assert res["tokens_scored"] > 1800 and res["windows"] == 4
     assert 15 < res["perplexity"] < 25  # float32: 19.90 (tests/models/test_quantized.py holds the 1% bound)
     assert res["weight_mib"] < 250  # int8 layers beside the float embedding; float32 is 513 MiB
+
+
+def test_serve_lora_flags_are_checked(tiny_models, tmp_path):
+    proc = jaxllm("serve", "--lora", "nameonly")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "'nameonly' is not NAME=PATH" in proc.stderr
+    folder = tiny_models["llama"][0]
+    proc = jaxllm("serve", "--model", folder, "--lora", f"x={tmp_path / 'missing'}", "--no-warmup")
+    assert_error(proc, "missing", "adapter")

@@ -111,17 +111,19 @@ class AsyncEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, lora: str | None = None
     ) -> AsyncIterator[StreamOutput]:
-        """Stream the outputs of one request. Raises typed errors (queue full, context) before the first."""
+        """Stream the outputs of one request (through the LoRA adapter named `lora`, if any). Raises typed
+        errors (queue full, context, unknown adapter) before the first."""
         if not self.accepting:
             raise EngineShutdownError("the server is shutting down: retry on another instance")
         self.engine.check_prompt(prompt_ids, params)
+        self.engine.lora_slot(lora)
         rid = request_id or f"req-{next(self._ids)}"
         req = _Request(asyncio.get_running_loop(), params.n)
         added: concurrent.futures.Future = concurrent.futures.Future()
         self._requests[rid] = req
-        self._send(("add", rid, prompt_ids, params, added))
+        self._send(("add", rid, prompt_ids, params, added, lora))
         try:
             await asyncio.wrap_future(added)
             while req.open:
@@ -172,9 +174,9 @@ class AsyncEngine:
 
     def _apply(self, cmd) -> None:
         if cmd[0] == "add":
-            _, rid, prompt_ids, params, fut = cmd
+            _, rid, prompt_ids, params, fut, lora = cmd
             try:
-                self.engine.add_request(prompt_ids, params, rid)
+                self.engine.add_request(prompt_ids, params, rid, lora)
                 fut.set_result(None)
             except Exception as e:
                 self._requests.pop(rid, None)

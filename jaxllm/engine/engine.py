@@ -35,6 +35,7 @@ from jaxllm.engine.sequence import Sequence, TokenLogprob, Update
 from jaxllm.engine.surface import DecodeShape, MixedShape, Surface
 from jaxllm.errors import ContextLengthError, InvalidRequestError, JaxLLMError
 from jaxllm.kernels import reads_to_length
+from jaxllm.lora.slots import NO_ADAPTER, LoraSlots
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import Tokenizer
 
@@ -120,10 +121,12 @@ class Engine:
             )
 
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, lora: str | None = None
     ) -> list[Sequence]:
-        """Queue `params.n` sequences for this prompt and return them; results come through step()."""
+        """Queue `params.n` sequences for this prompt and return them; results come through step(). lora: the
+        name of an adapter added with `add_lora` that its tokens run through (None: the base model)."""
         self.check_prompt(prompt_ids, params)
+        slot = self.lora_slot(lora)
         request_id = request_id or f"req-{next(self._ids)}"
         base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31))
         seqs = [
@@ -139,8 +142,53 @@ class Engine:
             )
             for i in range(params.n)
         ]
+        for s in seqs:
+            s.lora = slot
         self.scheduler.add(seqs)
         return seqs
+
+    # ---- LoRA adapters --------------------------------------------------------------------------
+    def lora_slot(self, name: str | None) -> int:
+        """The slot of the adapter called `name` (`NO_ADAPTER` for None; `InvalidRequestError` if unknown)."""
+        if name is None:
+            return NO_ADAPTER
+        if self.runner.lora is None:
+            raise InvalidRequestError(f"no LoRA adapter named {name!r} is loaded (loaded: none)", param="model")
+        return self.runner.lora.slot(name)
+
+    @property
+    def lora_names(self) -> list[str]:
+        return [] if self.runner.lora is None else list(self.runner.lora.names)
+
+    def add_lora(self, name: str, adapter, slots: LoraSlots | None = None) -> None:
+        """Serve `adapter` (a `jaxllm.lora.Adapter`) under `name` from the next step on, in the runner's
+        adapter slots (`slots` sets them up the first time: `LoraSlots(cfg)` otherwise). Replacing an adapter
+        that running requests use is refused."""
+        if self.runner.lora is None:
+            self.runner.use_lora(slots or LoraSlots(self.cfg, dtype=self.runner.dtype))
+        if name in self.runner.lora.names:
+            self._check_unused(name)
+        self.runner.lora.install(name, adapter)
+        self._forget_prefixes()
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving the adapter called `name` (refused while running requests use it)."""
+        self.lora_slot(name)
+        self._check_unused(name)
+        self.runner.lora.remove(name)
+        self._forget_prefixes()
+
+    def _check_unused(self, name: str) -> None:
+        slot = self.runner.lora.slot(name)
+        busy = [*self.scheduler.waiting, *self.scheduler.running.values()]
+        if any(s.lora == slot and not s.finished for s in busy):
+            raise InvalidRequestError(f"LoRA adapter {name!r} is in use by running requests: wait for them to finish")
+
+    def _forget_prefixes(self) -> None:
+        """Cached pages computed under a slot's earlier adapter must not be found again (the slot's digests
+        change meaning), so the prefix caches start afresh: they refill as prompts come."""
+        for pool in self.scheduler.pools:
+            pool.forget_cached()
 
     def abort(self, request_id: str) -> list[Sequence]:
         return self.scheduler.abort(request_id)
@@ -310,7 +358,7 @@ class Engine:
             last,
             prior,
             table,
-            row_params(plist, seeds, rows),
+            row_params(plist, seeds, rows, [c.seq.lora if c else NO_ADAPTER for c in by_row]),
             bias,
             ctx,
             flags_for(plist),
@@ -337,7 +385,13 @@ class Engine:
         table = self._block_tables(plist, shape.rows, shape.context)
         flags = SamplerFlags.every() if shape.every else SamplerFlags()
         return DecodeBatch(
-            row_params(params, seeds, shape.rows), active, table, shape.rows, shape.context, shape.steps, flags
+            row_params(params, seeds, shape.rows, [s.lora if s else NO_ADAPTER for s in plist]),
+            active,
+            table,
+            shape.rows,
+            shape.context,
+            shape.steps,
+            flags,
         )
 
     def _mixed(self, plan: Plan) -> tuple[MixedBatch, tuple[dict, list]]:
@@ -428,7 +482,7 @@ class Engine:
             out_steps,
             prior,
             table,
-            row_params(plist, [s.seed if s else 0 for s in seqs], n),
+            row_params(plist, [s.seed if s else 0 for s in seqs], n, [s.lora if s else NO_ADAPTER for s in seqs]),
             bias,
             targets,
             shape.context,

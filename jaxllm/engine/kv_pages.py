@@ -17,16 +17,18 @@ from collections.abc import Sequence as Seq
 import numpy as np
 
 
-def page_hashes(tokens: Seq[int], page_size: int, known: list[bytes] | None = None) -> list[bytes]:
+def page_hashes(tokens: Seq[int], page_size: int, known: list[bytes] | None = None, salt: bytes = b"") -> list[bytes]:
     """Chained digests of the full pages of `tokens`; `known` (a prefix of the result) is extended, not redone.
 
-    A page's digest covers its tokens and the digest of the page before it (so, everything before it).
+    A page's digest covers its tokens and the digest of the page before it (so, everything before it); the
+    first page's covers `salt`, which tells apart pages that the same tokens give different keys and values
+    (under a LoRA adapter).
     BLAKE2b, not Python's `hash`: a crafted colliding prompt must not read another request's pages.
     """
     out = list(known or [])
     ids = np.asarray(tokens[len(out) * page_size : len(tokens) // page_size * page_size], np.int64)
     for page in ids.reshape(-1, page_size):
-        prev = out[-1] if out else b""
+        prev = out[-1] if out else salt
         out.append(hashlib.blake2b(prev + page.tobytes(), digest_size=16).digest())
     return out
 

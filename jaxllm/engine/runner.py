@@ -18,6 +18,7 @@ import numpy as np
 from jaxllm.engine.kv_cache import KVCache, bytes_per_token
 from jaxllm.engine.sampling import RowParams, SamplerFlags, sample, token_logprobs
 from jaxllm.kernels import Ragged
+from jaxllm.lora.slots import NO_ADAPTER, LoraSlots
 from jaxllm.models.registry import forward
 from jaxllm.sharding import Placement, placed
 
@@ -166,6 +167,7 @@ class ModelRunner:
         placement: Placement | None = None,
     ):
         self.model, self.params, self.cfg, self.dtype = model, params, cfg, dtype
+        self.lora: LoraSlots | None = None  # adapters served per row (`use_lora`)
         self.placement = placement
         self.channel = None  # set on the leader of a multi-process group: each call is published first
         self.decode_steps = decode_steps
@@ -231,6 +233,19 @@ class ModelRunner:
             step, donate_argnums=(1, 2), out_shardings=(keep(self.cache), keep(self.state), everywhere, everywhere)
         )
 
+    def use_lora(self, slots: LoraSlots) -> None:
+        """Serve LoRA adapters from `slots`: each row's `RowParams.lora` picks its slot. The steps compile once
+        more with the adapters' arrays among their inputs; installing adapters later changes values only."""
+        if self.channel is not None:
+            raise ValueError("LoRA adapters are not served across processes")
+        self.lora = slots
+
+    def _inputs(self):
+        """The model's variables: the params, and the adapter slots' arrays as the 'lora' collection."""
+        return (
+            self.params if self.lora is None else {**self.params, "lora": self.lora.variables(self.model.scan_layers)}
+        )
+
     def kv_bytes_per_token(self) -> int:
         return bytes_per_token(self.cfg, self.dtype)
 
@@ -254,7 +269,7 @@ class ModelRunner:
             self.channel.send("prefill", batch)
         with placed(self.placement):
             self.cache, self.state, first, info = self._prefill(
-                self.params, self.cache, self.state, batch, self.stop_mask
+                self._inputs(), self.cache, self.state, batch, self.stop_mask
             )
         return first, info
 
@@ -265,7 +280,7 @@ class ModelRunner:
             self.channel.send("decode", batch)
         with placed(self.placement):
             self.cache, self.state, toks, info = self._decode(
-                self.params, self.cache, self.state, batch, self.stop_mask
+                self._inputs(), self.cache, self.state, batch, self.stop_mask
             )
         return toks, info
 
@@ -276,7 +291,7 @@ class ModelRunner:
             self.channel.send("compile", kind, batch)
         step = {"prefill": self._prefill, "decode": self._decode, "mixed": self._mixed}[kind]
         with placed(self.placement):
-            step.lower(self.params, self.cache, self.state, batch, self.stop_mask).compile()
+            step.lower(self._inputs(), self.cache, self.state, batch, self.stop_mask).compile()
 
     def mixed(self, batch: MixedBatch):
         """Run decodes and prefill chunks as one model call (weights read once) and sample a token for each
@@ -285,7 +300,9 @@ class ModelRunner:
         if self.channel is not None:
             self.channel.send("mixed", batch)
         with placed(self.placement):
-            self.cache, self.state, toks, info = self._mixed(self.params, self.cache, self.state, batch, self.stop_mask)
+            self.cache, self.state, toks, info = self._mixed(
+                self._inputs(), self.cache, self.state, batch, self.stop_mask
+            )
         return toks, info
 
     def _mixed_fn(self, params, cache, state, batch: MixedBatch, stop_mask):
@@ -313,6 +330,7 @@ class ModelRunner:
             batch.ctx_len,
             logits_index=jnp.arange(batch.tokens.shape[0]) if scoring else last,
             ragged=ragged,
+            lora_ids=jnp.where(real, batch.params.lora[seq], NO_ADAPTER)[None],
         )
         scores = token_logprobs(logits, batch.targets) if scoring else None
         logits = logits[last] if scoring else logits
@@ -387,6 +405,7 @@ class ModelRunner:
             batch.starts,
             batch.ctx_len,
             logits_index=batch.lengths - 1,
+            lora_ids=jnp.broadcast_to(batch.params.lora[:, None], batch.tokens.shape),
         )
         vocab = logits.shape[-1]
         valid = offsets < batch.lengths[:, None]
@@ -443,6 +462,7 @@ class ModelRunner:
                 block_tables,
                 st.positions,
                 attn_len,
+                lora_ids=rp.lora[:, None],
             )
             tok, info = sample(
                 logits[:, 0],
@@ -496,8 +516,9 @@ class ModelRunner:
         return grouped.at[:, : part.shape[0] // dp].set(part.reshape(dp, -1, *rest)).reshape(full.shape)
 
 
-def row_params(plist, seeds, rows: int) -> RowParams:
-    """Pack per-row SamplingParams (None for an empty row) and seeds into RowParams arrays [rows]."""
+def row_params(plist, seeds, rows: int, adapters=()) -> RowParams:
+    """Pack per-row SamplingParams (None for an empty row), seeds and LoRA adapter slots (none by default) into
+    RowParams arrays [rows]."""
 
     def col(attr, default, dtype):
         return np.array(
@@ -515,6 +536,7 @@ def row_params(plist, seeds, rows: int) -> RowParams:
         min_tokens=col("min_tokens", 0, np.int32),
         seed=np.array(list(seeds) + [0] * (rows - len(seeds)), np.uint32),
         logprobs=np.array([p is not None and p.logprobs is not None for p in plist] + [False] * (rows - len(plist))),
+        lora=np.array(list(adapters) + [NO_ADAPTER] * (rows - len(adapters)), np.int32),
     )
 
 

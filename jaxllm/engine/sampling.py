@@ -31,6 +31,7 @@ class RowParams:
     min_tokens: jax.Array
     seed: jax.Array
     logprobs: jax.Array  # bool: the row asked for logprobs
+    lora: jax.Array  # int32: the row's LoRA adapter slot (`jaxllm.lora.NO_ADAPTER`: none)
 
 
 @dataclasses.dataclass(frozen=True)

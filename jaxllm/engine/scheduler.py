@@ -198,7 +198,7 @@ class Scheduler:
         s = self.waiting[0]
         tokens = s.token_ids()
         s.prefill_len = len(tokens)
-        s.hashes = page_hashes(tokens, self.page_size) if self.pools[0].prefix_caching else []
+        s.hashes = page_hashes(tokens, self.page_size, salt=s.hash_salt) if self.pools[0].prefix_caching else []
         usable = (len(tokens) - 1) // self.page_size  # the last token is always computed
         if s.prompt_logprobs is not None and not s.prompt_logprobs_sent:
             usable = 0  # its prompt logprobs come from computing every position: no cached prefix
@@ -302,7 +302,7 @@ class Scheduler:
         if pool.prefix_caching and s.pages:
             n = written // self.page_size
             if len(s.hashes) < n:
-                s.hashes = page_hashes(s.token_ids()[:written], self.page_size, s.hashes)
+                s.hashes = page_hashes(s.token_ids()[:written], self.page_size, s.hashes, s.hash_salt)
             pool.register(s.pages[:n], s.hashes[:n])
             s.registered = max(s.registered, n)
 

@@ -56,6 +56,7 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.slot: int | None = None
         self.replica = 0  # the data-parallel replica whose slot and KV pages it uses, set on admission
+        self.lora = -1  # the LoRA adapter slot its tokens run through (-1: none), set when it is queued
         self.order = 0  # admission order, set by the scheduler: the highest is the newest
         self.num_computed = 0  # tokens already dispatched into the KV cache by prefill
         self.prefill_len = len(prompt_ids)  # tokens to prefill: the prompt, plus earlier outputs after preemption
@@ -71,6 +72,11 @@ class Sequence:
         self.text = ""
         self._emitted = 0
         self._hold = max((len(s) for s in params.stop), default=1) - 1
+
+    @property
+    def hash_salt(self) -> bytes:
+        """What its prefix-cache digests start from: its adapter's pages are its own."""
+        return b"" if self.lora < 0 else b"lora-slot-%d" % self.lora
 
     @property
     def finished(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -10,11 +11,13 @@ import jax.numpy as jnp
 
 from jaxllm.chat_template import read_template_file
 from jaxllm.config import ModelConfig, config_from_gguf_metadata, load_hf_config
+from jaxllm.errors import InvalidRequestError
 from jaxllm.loading.gguf_file import GGUFFile, gguf_names
 from jaxllm.loading.hf_folder import SafetensorsReader
 from jaxllm.loading.quant_plan import gguf_plan, isq_plan
 from jaxllm.loading.resolve import ModelFiles, resolve_model
 from jaxllm.loading.weights import assemble_params
+from jaxllm.models import pure
 from jaxllm.models.registry import build_model, describe_params, param_shapes
 from jaxllm.quant import isq
 from jaxllm.quant.plan import QuantPlan
@@ -33,11 +36,43 @@ class LoadedModel:
     tokenizer: Tokenizer
     quant: QuantPlan = dataclasses.field(default_factory=QuantPlan)
     placement: Placement | None = None
+    dtype: object = jnp.float32  # the float params' and activations' dtype
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of every param array resident on the device(s)."""
         return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(self.params))
+
+    def forward(self, params, tokens, positions=None, hidden_layers: tuple[int, ...] = (), adapter=None):
+        """The model as a pure function of `params` (see `jaxllm.models.pure.forward`): tokens [batch, seq]
+        -> logits [batch, seq, vocab], or (logits, hidden [len(hidden_layers), batch, seq, embed]). Jit it
+        with `hidden_layers` static; attention runs the differentiable `jax.numpy` reference. adapter: a
+        LoRA adapter (`jaxllm.lora.Adapter`) applied to every token."""
+        return pure.forward(self._pure_model, params, tokens, positions, hidden_layers, adapter)
+
+    @functools.cached_property
+    def _pure_model(self):
+        return pure.differentiable(self.model)
+
+    def with_params(self, params) -> LoadedModel:
+        """This model with other params of the same structure, shapes and dtypes (edited ones: an ablated
+        head, a swapped layer), placed as the loaded params are, for `LLM(loaded=...)`."""
+        return dataclasses.replace(self, params=same_layout(self.params, params))
+
+
+def same_layout(reference, params):
+    """`params` placed as `reference` is, after checking that they have its structure, shapes and dtypes
+    (`InvalidRequestError` naming the first difference otherwise)."""
+    want, got = jax.tree.structure(reference), jax.tree.structure(params)
+    if want != got:
+        raise InvalidRequestError("params must have the loaded model's structure (edit the arrays, keep the tree)")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(params), strict=True):
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            name = jax.tree_util.keystr(path)
+            raise InvalidRequestError(
+                f"param {name} is {b.dtype}{list(b.shape)}; the model's is {a.dtype}{list(a.shape)}"
+            )
+    return jax.tree.map(lambda a, b: jax.device_put(b, a.sharding), reference, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +137,7 @@ def load_model(
     )
     if chat_template is not None:
         tok.chat_template = read_template_file(chat_template)
-    return LoadedModel(files.name, cfg, model, params, tok, plan, placement)
+    return LoadedModel(files.name, cfg, model, params, tok, plan, placement, dtype)
 
 
 def _open_hf(files: ModelFiles):

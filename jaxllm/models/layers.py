@@ -41,6 +41,15 @@ def weight(module: nn.Module, p: Param, cfg: ModelConfig, plan: QuantPlan | None
     return module.param(p.path[-1], _quantized_init(fmt, ins, outs, (p.out_axes[0], p.in_axes[0]), stack))
 
 
+def adapter(module: nn.Module, name: str, ids) -> quant.Lora | None:
+    """The LoRA adapters of the module's weight `name` (the 'lora' collection, with the weight's path and
+    name) for rows whose slots are `ids` [batch, seq], or None when there are none or no ids."""
+    if ids is None or not module.has_variable("lora", name):
+        return None
+    v = module.get_variable("lora", name)
+    return quant.Lora(v["a"], v["b"], ids)
+
+
 def _quantized_init(
     fmt: Format, ins: tuple[int, ...], outs: tuple[int, ...], names: tuple[str | None, str | None], stack: int = 0
 ):
@@ -135,11 +144,14 @@ class GatedMLP(nn.Module):
     stack: int = 0
 
     @nn.compact
-    def __call__(self, x, layer=None):
-        """x [batch, seq, embed]; layer: the index into stacked weights (see `param`)."""
+    def __call__(self, x, layer=None, lora_ids=None):
+        """x [batch, seq, embed]; layer: the index into stacked weights (see `param`); lora_ids [batch, seq]:
+        each token's adapter slot (see `adapter`)."""
         p_gate_up, p_down = self.params
         gate_up = weight(self, p_gate_up, self.cfg, self.quant, self.dtype, self.stack)
         down = weight(self, p_down, self.cfg, self.quant, self.dtype, self.stack)
-        gu = quant.einsum("btd,dfc->btfc", x, gate_up, layer=layer).astype(self.dtype)
+        lora = adapter(self, p_gate_up.path[-1], lora_ids)
+        gu = quant.einsum("btd,dfc->btfc", x, gate_up, layer=layer, lora=lora).astype(self.dtype)
         h = nn.silu(gu[..., 0]) * gu[..., 1]
-        return quant.einsum("btf,fd->btd", h, down, layer=layer).astype(self.dtype)
+        lora = adapter(self, p_down.path[-1], lora_ids)
+        return quant.einsum("btf,fd->btd", h, down, layer=layer, lora=lora).astype(self.dtype)

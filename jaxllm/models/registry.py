@@ -55,7 +55,17 @@ NO_PAGE = 2**30  # a page id past any pool: writes there are dropped
 
 
 def forward(
-    model, params, tokens, positions, cache, block_tables, ctx_lens, ctx_len: int, logits_index=None, ragged=None
+    model,
+    params,
+    tokens,
+    positions,
+    cache,
+    block_tables,
+    ctx_lens,
+    ctx_len: int,
+    logits_index=None,
+    ragged=None,
+    lora_ids=None,
 ):
     """One model call over the paged KV cache: (logits, new cache). Pure; jitted by the runner.
 
@@ -67,11 +77,12 @@ def forward(
     ragged (`kernels.Ragged`): tokens and positions [1, n] are one flat run of tokens from the sequences that
     block_tables [seqs, n_pages] and ctx_lens [seqs] describe (a mixed prefill and decode step); each token's
     keys/values land in its sequence's pages (padding tokens write nothing); logits_index [k] picks the tokens
-    whose logits are computed.
+    whose logits are computed. lora_ids: like tokens, each token's adapter slot in params' 'lora' collection
+    (see `Transformer`).
     """
     k, v = (cache.k, cache.v) if ctx_len or ragged is not None else (None, None)
     logits, (k_new, v_new) = model.apply(
-        params, tokens, positions, k, v, ctx_lens, block_tables, ctx_len, logits_index, ragged
+        params, tokens, positions, k, v, ctx_lens, block_tables, ctx_len, logits_index, ragged, lora_ids
     )
     if block_tables is None:
         return logits, cache

@@ -14,18 +14,70 @@ import string
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.quant.format import QuantizedWeight
 
 
-def einsum(spec: str, x: jax.Array, w, layer=None, **kwargs) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Lora:
+    """Low-rank adapters of one weight [K, N] (K over the spec's contracted letters, N over the weight's
+    others, each in the weight's own order), one per slot: a [slots, K, rank], b [slots, rank, N] (the
+    adapter's scale folded into b), with a leading layer axis when the weight is stacked; ids: the slot of
+    each row of x, [x's free letters...] int32 (any other value: no adapter)."""
+
+    a: jax.Array
+    b: jax.Array
+    ids: jax.Array
+
+
+def einsum(spec: str, x: jax.Array, w, layer=None, lora: Lora | None = None, **kwargs) -> jax.Array:
     """`jnp.einsum(spec, x, w)` where w may be a `QuantizedWeight` (then the result is float32).
 
     spec: a two-operand einsum with the weight second, e.g. "btd,dkgh->btkgh"; '...' may lead x's letters.
     layer: with stacked weights [layers, ...], the layer to use ([] int32); a quantized stack goes to the
     kernel whole with the index, so that no layer's weights are copied out first.
+    lora: adapters added to w, each row of x through its own slot's ((x a) b) (see `Lora`).
     """
+    y = _einsum(spec, x, w, layer, **kwargs)
+    return (
+        y
+        if lora is None
+        else y + _lora_delta(spec, x, lora, layer, _kept_shape(spec, x.ndim, w, layer)).astype(y.dtype)
+    )
+
+
+def _kept_shape(spec: str, x_ndim: int, w, layer) -> tuple[int, ...]:
+    """The sizes of the weight's letters that the output keeps, in the weight's order."""
+    if isinstance(w, QuantizedWeight):
+        return tuple(w.out_shape)
+    xs, ws, out = _expand(spec, x_ndim)
+    shape = w.shape[1:] if layer is not None else w.shape
+    return tuple(shape[ws.index(c)] for c in ws if not (c in xs and c not in out))
+
+
+def _lora_delta(spec: str, x: jax.Array, lora: Lora, layer, kept_shape: tuple[int, ...]) -> jax.Array:
+    """The adapters' term of `einsum`: for each row, x [.., K] @ a[slot] @ b[slot], laid out as the spec says.
+    Every slot's x @ a is computed (rank-sized) and masked by the row's slot, so one compiled shape serves
+    any mix of adapters and rows without one."""
+    a, b = (lora.a, lora.b) if layer is None else (lora.a[layer], lora.b[layer])
+    xs, ws, out = _expand(spec, x.ndim)
+    contracted = [c for c in ws if c in xs and c not in out]
+    batch = [c for c in xs if c not in contracted]
+    kept = [c for c in ws if c not in contracted]
+    x2 = jnp.transpose(x, [xs.index(c) for c in batch + contracted]).astype(a.dtype)
+    lead = x2.shape[: len(batch)]
+    x2 = x2.reshape(math.prod(lead), -1)
+    pick = jax.nn.one_hot(lora.ids.reshape(-1), a.shape[0], dtype=a.dtype)  # [rows, slots]
+    h = jnp.einsum("mk,skr->msr", x2, a) * pick[:, :, None]
+    y = jnp.einsum("msr,srn->mn", h, b)
+    y = y.reshape(*lead, *kept_shape)
+    return jnp.transpose(y, [(batch + kept).index(c) for c in out])
+
+
+def _einsum(spec: str, x: jax.Array, w, layer=None, **kwargs) -> jax.Array:
     if not isinstance(w, QuantizedWeight):
         return jnp.einsum(spec, x, w if layer is None else w[layer], **kwargs)
     xs, ws, out = _expand(spec, x.ndim)
@@ -39,8 +91,35 @@ def einsum(spec: str, x: jax.Array, w, layer=None, **kwargs) -> jax.Array:
         raise ValueError(f"quantized einsum {spec!r}: x contracts {[sizes[c] for c in contracted]}, w {w.in_shape}")
     x2 = jnp.transpose(x, [xs.index(c) for c in batch + contracted])
     lead = x2.shape[: len(batch)]
-    y = _qmatmul(x2.reshape(math.prod(lead), w.k), w, layer).reshape(*lead, *w.out_shape)
+    y = _differentiable_qmatmul(x2.reshape(math.prod(lead), w.k), w, layer).reshape(*lead, *w.out_shape)
     return jnp.transpose(y, [(batch + kept).index(c) for c in out])
+
+
+@jax.custom_vjp
+def _differentiable_qmatmul(x: jax.Array, w: QuantizedWeight, layer) -> jax.Array:
+    """`_qmatmul` with a gradient for x (the kernels have none of their own): x [M, K] -> [M, N] float32.
+    The gradient flows through the dequantized weight, g [M, N] @ w [N, K]; the stored quantized values get
+    none (they are fixed: train adapters or float params around them)."""
+    return _qmatmul(x, w, layer)
+
+
+def _qmatmul_fwd(x, w, layer):
+    return _qmatmul(x, w, layer), (jnp.zeros((0,), x.dtype), w, layer)
+
+
+def _qmatmul_bwd(saved, g):
+    x_dtype, w, layer = saved
+    own = w if layer is None else jax.tree.map(lambda a: a[layer], w)
+    dx = jnp.dot(g, own.dequantize(jnp.float32), preferred_element_type=jnp.float32).astype(x_dtype.dtype)
+    return dx, jax.tree.map(_no_gradient, w), jax.tree.map(_no_gradient, layer)
+
+
+def _no_gradient(a):
+    a = jnp.asarray(a)
+    return jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.inexact) else np.zeros(a.shape, jax.dtypes.float0)
+
+
+_differentiable_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
 def _qmatmul(x: jax.Array, w: QuantizedWeight, layer) -> jax.Array:

@@ -85,9 +85,28 @@ def add_parser(sub, positive) -> None:
     add_quant_arguments(p)
     add_parallel_arguments(p)
     add_distributed_arguments(p)
+    p.add_argument(
+        "--lora",
+        action="append",
+        type=lora_spec,
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter (a PEFT folder or a saved adapter) under NAME: requests name it in 'model' "
+        "(repeat for several)",
+    )
+    p.add_argument("--max-loras", type=positive, default=4, help="adapters served at once (slots)")
+    p.add_argument("--max-lora-rank", type=positive, default=16, help="the largest adapter rank the slots take")
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+
+def lora_spec(text: str) -> tuple[str, str]:
+    """'NAME=PATH' -> (name, path)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH (e.g. --lora support=./adapters/support)")
+    return name, path
 
 
 def default_token_budget() -> int:
@@ -138,7 +157,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prefix_caching=not args.no_prefix_caching,
         mixed_step=args.mixed_step,
         cluster=group,
+        lora=dict(args.lora),
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
     )
+    for name, path in args.lora:
+        log.info("LoRA adapter %r from %s: requests with model=%r use it", name, path, name)
     if group is not None and not group.leader:  # followers replay process 0's steps; it serves HTTP
         log.info("process %d follows process 0's steps", group.process_id)
         llm.follow()

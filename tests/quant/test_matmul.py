@@ -58,3 +58,32 @@ def test_a_mismatched_contraction_is_refused():
     w, _ = _weight((64,), (8,), "int8")
     with pytest.raises(ValueError, match="contracts"):
         quant.einsum("btd,dv->btv", jnp.ones((1, 1, 32)), w)
+
+
+@pytest.mark.parametrize("spec, x_shape, in_dims, out_dims, layout", [s for s in SPECS if s[4] == "in_out"][:4])
+@pytest.mark.parametrize("scheme", [None, "int8"])
+def test_lora_adds_each_rows_own_adapter(spec, x_shape, in_dims, out_dims, layout, scheme):
+    """Stacked weights and adapters read at a layer: every row gets x @ a[slot] @ b[slot] of its own slot on
+    top of the base einsum (float or quantized); a row whose slot is -1 gets the base alone."""
+    w, dense = _weight(in_dims, out_dims, scheme or "int8")
+    n_out = len(out_dims)
+    dense = np.transpose(dense, [*range(n_out, dense.ndim), *range(n_out)])  # [in..., out...]
+    base = jnp.asarray(dense) if scheme is None else w
+    stack = lambda t: jax.tree.map(lambda a: jnp.stack([a * 0, a]), t)  # two layers, the second the real one
+    k, n, slots, rank = math.prod(in_dims), math.prod(out_dims), 3, 4
+    rng = np.random.default_rng(2)
+    a = rng.normal(0, 0.3, (2, slots, k, rank)).astype(np.float32)
+    b = rng.normal(0, 0.3, (2, slots, rank, n)).astype(np.float32)
+    x = rng.normal(0, 1, x_shape).astype(np.float32)
+    lead = x_shape[:2]
+    ids = np.arange(math.prod(lead)).reshape(lead) % (slots + 1) - 1  # every slot and -1
+    lora = quant.Lora(jnp.asarray(a), jnp.asarray(b), jnp.asarray(ids, jnp.int32))
+    got = jax.jit(lambda x, w, lora: quant.einsum(spec, x, w, layer=jnp.int32(1), lora=lora))(x, stack(base), lora)
+    want = np.array(jnp.einsum(spec, x, dense))
+    x_rows = x.reshape(*lead, k)  # every spec here contracts all of x's letters after batch and time
+    for i in np.ndindex(*lead):
+        if ids[i] < 0:
+            continue
+        delta = (x_rows[i] @ a[1, ids[i]] @ b[1, ids[i]]).reshape(out_dims)
+        want[i] += delta.reshape(want[i].shape)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)

@@ -9,7 +9,15 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from jaxllm.errors import InvalidRequestError
 from jaxllm.serving.protocol import ChatCompletionRequest
-from jaxllm.serving.routes.common import first_and_rest, parse_body, request_id, resolve_max_tokens, tracked, usage
+from jaxllm.serving.routes.common import (
+    adapter_of,
+    first_and_rest,
+    parse_body,
+    request_id,
+    resolve_max_tokens,
+    tracked,
+    usage,
+)
 from jaxllm.serving.sse import DONE, event
 
 
@@ -37,7 +45,7 @@ async def chat_completions(request: Request):
     )
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     rid, created = request_id("chatcmpl"), int(time.time())
-    stream = tracked(state, state.engine.generate(ids, params, rid), start)
+    stream = tracked(state, state.engine.generate(ids, params, rid, adapter_of(state, req.model)), start)
     first, rest = await first_and_rest(stream)
     state.metrics.prompt_tokens.inc(len(ids))
     base = {"id": rid, "created": created, "model": req.model}

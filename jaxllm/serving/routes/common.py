@@ -54,11 +54,15 @@ async def parse_body(request: Request, state: ServerState, model: type[BaseModel
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         raise InvalidRequestError(f"{param}: {err['msg']}", param=param) from None
-    if req.model is not None and req.model not in state.model_names:  # (optional only for the tokenizer routes)
-        raise ModelMismatchError(
-            f"the model {req.model!r} does not exist; this server has {state.model_names}", param="model"
-        )
+    served = state.model_names + state.llm.lora_names
+    if req.model is not None and req.model not in served:  # (optional only for the tokenizer routes)
+        raise ModelMismatchError(f"the model {req.model!r} does not exist; this server has {served}", param="model")
     return req
+
+
+def adapter_of(state: ServerState, model: str | None) -> str | None:
+    """The LoRA adapter a request's `model` names (None: the base model)."""
+    return model if model is not None and model not in state.model_names else None
 
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str, least: int = 1) -> int:

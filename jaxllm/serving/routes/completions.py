@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from jaxllm.errors import InvalidRequestError
 from jaxllm.serving.protocol import CompletionRequest
-from jaxllm.serving.routes.common import merge, parse_body, request_id, resolve_max_tokens, tracked, usage
+from jaxllm.serving.routes.common import adapter_of, merge, parse_body, request_id, resolve_max_tokens, tracked, usage
 from jaxllm.serving.sse import DONE, event
 
 
@@ -61,7 +61,10 @@ async def completions(request: Request):
     rid, created = request_id("cmpl"), int(time.time())
     for p in prompts:
         llm.engine.check_prompt(p, params)
-    streams = [tracked(state, state.engine.generate(p, params, f"{rid}-{i}"), start) for i, p in enumerate(prompts)]
+    adapter = adapter_of(state, req.model)
+    streams = [
+        tracked(state, state.engine.generate(p, params, f"{rid}-{i}", adapter), start) for i, p in enumerate(prompts)
+    ]
     merged = merge(streams)
     pending = []
     try:  # wait for the first output so that admission errors become a proper status

@@ -17,6 +17,9 @@ CREATED = int(time.time())
 async def models(request: Request):
     state = request.app.state.server
     data = [{"id": name, "object": "model", "created": CREATED, "owned_by": "jaxllm"} for name in state.model_names]
+    base = state.model_names[0]
+    for name in state.llm.lora_names:  # adapters are models of their own, on the base model
+        data.append({"id": name, "object": "model", "created": CREATED, "owned_by": "jaxllm", "parent": base})
     return JSONResponse({"object": "list", "data": data})
 
 

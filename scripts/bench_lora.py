@@ -1,0 +1,92 @@
+"""LoRA serving overhead: decode throughput with adapters against the base model, in the same run.
+
+SmolLM2 (the default Q4_1 GGUF) on this machine, through `LLM.generate` (greedy, `--tokens` tokens per
+prompt, eos ignored, prefix caching off): the base model with no adapter slots, then the same engine with
+adapter slots (`max_loras` 4, rank up to 16) where every row runs through one adapter, or rows spread over 4
+adapters; each at batch 1 and 32. Adapters are random, rank 16 on all seven projections (the most work one
+can add). One untimed run first compiles each configuration's shapes. Results are printed and written into
+docs/benchmarks.md between the `bench:lora` markers.
+
+    python scripts/bench_lora.py [--tokens 64] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench import best_time, write_report  # noqa: E402
+
+BEGIN, END = "<!-- bench:lora -->", "<!-- /bench:lora -->"
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def adapter(cfg, seed: int):
+    import jax
+
+    from jaxllm import lora
+
+    a = lora.init(cfg, lora.LoraConfig(rank=16, alpha=16.0, targets=ALL), jax.random.PRNGKey(seed))
+    a.weights = jax.tree.map(lambda w: w + 0.01, a.weights)  # b is zero at init: give it values
+    return a
+
+
+def rate(llm, batch: int, names, tokens: int, repeats: int) -> float:
+    from jaxllm import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    prompts = [f"Story {i}: once upon a time" for i in range(batch)]
+    adapters = [names[i % len(names)] for i in range(batch)] if names else None
+    run = lambda: llm.generate(prompts, params, use_tqdm=False, lora=adapters)
+    run()  # compiles this configuration's shapes
+    return batch * tokens / best_time(run, repeats)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    import jaxllm
+    from jaxllm import LLM
+
+    model = jaxllm.load("smollm2", progress=False)
+    llm = LLM(loaded=model, max_num_seqs=32, max_model_len=256, prefix_caching=False)
+    rows = []
+    for batch in (1, 32):
+        base = rate(llm, batch, None, args.tokens, args.repeats)
+        rows.append((batch, "base model (no adapter slots)", base, base))
+        print(f"batch {batch}: base {base:.1f} tok/s", flush=True)
+    for i in range(4):
+        llm.add_lora(f"a{i}", adapter(model.config, i))
+    for batch in (1, 32):
+        base = next(r[2] for r in rows if r[0] == batch)
+        for label, names in (("1 adapter, every row", ["a0"]), ("4 adapters, rows spread", ["a0", "a1", "a2", "a3"])):
+            got = rate(llm, batch, names, args.tokens, args.repeats)
+            rows.append((batch, label, got, base))
+            print(f"batch {batch}: {label} {got:.1f} tok/s ({got / base:.2f}x)", flush=True)
+        got = rate(llm, batch, [None], args.tokens, args.repeats)
+        rows.append((batch, "adapter slots on, no row uses one", got, base))
+    lines = ["| batch | rows | tok/s | vs base |", "|---|---|---|---|"]
+    lines += [f"| {b} | {label} | {r:.1f} | {r / base:.2f}x |" for b, label, r, base in rows]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_report(
+            BEGIN,
+            END,
+            "LoRA serving overhead (CPU, SmolLM2-135M Q4_1)",
+            f"; {args.tokens} greedy tokens per prompt, best of {args.repeats}; random rank-16 adapters on all "
+            "seven projections, 4 slots.",
+            f"python scripts/bench_lora.py --tokens {args.tokens} --repeats {args.repeats}",
+            text,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
