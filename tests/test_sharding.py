@@ -125,6 +125,15 @@ def test_tiny_model_gives_the_same_logits_sharded_over_8_cpu_devices(tiny_models
         assert len(qkv.sharding.device_set) == 8 and qkv.addressable_shards[0].data.shape[2] == 1
         out = np.asarray(jax.jit(run)(sharded))
         np.testing.assert_allclose(out, ref, atol=1e-5)
+        # The research forward (jaxllm.load(...).forward) and its gradient, on the sharded params, and with an adapter.
+        np.testing.assert_allclose(np.asarray(jax.jit(m.forward)(sharded, tokens)), ref, atol=1e-5)
+        from jaxllm import lora
+        ad = lora.init(m.config, lora.LoraConfig(rank=2, targets=("q_proj", "down_proj")))
+        ad.weights = jax.tree.map(lambda w: w + 0.1, ad.weights)
+        loss = lambda p, a: jnp.mean(m.forward(p, tokens, adapter=a) ** 2)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        for want, got in zip(jax.tree.leaves(grad(m.params, ad)), jax.tree.leaves(grad(sharded, ad)), strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
         u = load_model({str(folder)!r}, progress=False, scan_layers=False, parallel=one)  # per-layer params, unrolled
         u_sharded = jax.device_put(u.params, param_shardings(param_shapes(u.model), mesh))
         assert len(u_sharded["params"]["layers_1"]["mlp"]["down"].sharding.device_set) == 8
