@@ -60,19 +60,33 @@ def _kept_shape(spec: str, x_ndim: int, w, layer) -> tuple[int, ...]:
 
 def _lora_delta(spec: str, x: jax.Array, lora: Lora, layer, kept_shape: tuple[int, ...]) -> jax.Array:
     """The adapters' term of `einsum`: for each row, x [.., K] @ a[slot] @ b[slot], laid out as the spec says.
-    Every slot's x @ a is computed (rank-sized) and masked by the row's slot, so one compiled shape serves
-    any mix of adapters and rows without one."""
-    a, b = (lora.a, lora.b) if layer is None else (lora.a[layer], lora.b[layer])
+
+    What the batch's slots need, decided on device (`lax.switch`): no row with an adapter reads no adapter
+    weights; rows of one adapter read that slot's a and b only (its term masked to those rows); rows of
+    several adapters compute every slot's x @ a (rank-sized) masked by each row's slot, in one einsum. One
+    compiled shape serves any mix of adapters and rows without one."""
     xs, ws, out = _expand(spec, x.ndim)
     contracted = [c for c in ws if c in xs and c not in out]
     batch = [c for c in xs if c not in contracted]
     kept = [c for c in ws if c not in contracted]
-    x2 = jnp.transpose(x, [xs.index(c) for c in batch + contracted]).astype(a.dtype)
+    x2 = jnp.transpose(x, [xs.index(c) for c in batch + contracted]).astype(lora.a.dtype)
     lead = x2.shape[: len(batch)]
     x2 = x2.reshape(math.prod(lead), -1)
-    pick = jax.nn.one_hot(lora.ids.reshape(-1), a.shape[0], dtype=a.dtype)  # [rows, slots]
-    h = jnp.einsum("mk,skr->msr", x2, a) * pick[:, :, None]
-    y = jnp.einsum("msr,srn->mn", h, b)
+    slots = lora.a.shape[0 if layer is None else 1]
+    pick = jax.nn.one_hot(lora.ids.reshape(-1), slots, dtype=x2.dtype)  # [rows, slots]; no adapter: zeros
+    used = jnp.any(pick > 0, axis=0)
+    at = lambda w, s: w[s] if layer is None else w[layer, s]
+    zero = jnp.zeros((x2.shape[0], lora.b.shape[-1]), x2.dtype)
+
+    def one(_):
+        s = jnp.argmax(used)
+        return jnp.dot(jnp.dot(x2, at(lora.a, s)) * pick[:, s, None], at(lora.b, s))
+
+    def every(_):
+        a, b = (lora.a, lora.b) if layer is None else (lora.a[layer], lora.b[layer])
+        return jnp.einsum("msr,srn->mn", jnp.einsum("mk,skr->msr", x2, a) * pick[:, :, None], b)
+
+    y = jax.lax.switch(jnp.minimum(jnp.sum(used), 2), [lambda _: zero, one, every], None)
     y = y.reshape(*lead, *kept_shape)
     return jnp.transpose(y, [(batch + kept).index(c) for c in out])
 

@@ -62,9 +62,11 @@ def test_a_mismatched_contraction_is_refused():
 
 @pytest.mark.parametrize("spec, x_shape, in_dims, out_dims, layout", [s for s in SPECS if s[4] == "in_out"][:4])
 @pytest.mark.parametrize("scheme", [None, "int8"])
-def test_lora_adds_each_rows_own_adapter(spec, x_shape, in_dims, out_dims, layout, scheme):
+@pytest.mark.parametrize("rows", ["several-adapters", "one-adapter", "no-adapter"])
+def test_lora_adds_each_rows_own_adapter(spec, x_shape, in_dims, out_dims, layout, scheme, rows):
     """Stacked weights and adapters read at a layer: every row gets x @ a[slot] @ b[slot] of its own slot on
-    top of the base einsum (float or quantized); a row whose slot is -1 gets the base alone."""
+    top of the base einsum (float or quantized); a row whose slot is -1 gets the base alone. Batches of
+    several adapters, of one (beside base rows) and of none take different paths on device."""
     w, dense = _weight(in_dims, out_dims, scheme or "int8")
     n_out = len(out_dims)
     dense = np.transpose(dense, [*range(n_out, dense.ndim), *range(n_out)])  # [in..., out...]
@@ -77,6 +79,10 @@ def test_lora_adds_each_rows_own_adapter(spec, x_shape, in_dims, out_dims, layou
     x = rng.normal(0, 1, x_shape).astype(np.float32)
     lead = x_shape[:2]
     ids = np.arange(math.prod(lead)).reshape(lead) % (slots + 1) - 1  # every slot and -1
+    if rows == "one-adapter":
+        ids = np.where(ids % 2 == 0, 2, -1)
+    elif rows == "no-adapter":
+        ids = np.full(lead, -1)
     lora = quant.Lora(jnp.asarray(a), jnp.asarray(b), jnp.asarray(ids, jnp.int32))
     got = jax.jit(lambda x, w, lora: quant.einsum(spec, x, w, layer=jnp.int32(1), lora=lora))(x, stack(base), lora)
     want = np.array(jnp.einsum(spec, x, dense))
