@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxllm.engine.kv_cache import KVCache, bytes_per_token
 from jaxllm.engine.sampling import RowParams, SamplerFlags, sample, token_logprobs
+from jaxllm.errors import InvalidRequestError
 from jaxllm.kernels import Ragged
 from jaxllm.lora.slots import NO_ADAPTER, LoraSlots
 from jaxllm.models.registry import forward
@@ -237,7 +238,9 @@ class ModelRunner:
         """Serve LoRA adapters from `slots`: each row's `RowParams.lora` picks its slot. The steps compile once
         more with the adapters' arrays among their inputs; installing adapters later changes values only."""
         if self.channel is not None:
-            raise ValueError("LoRA adapters are not served across processes")
+            raise InvalidRequestError(
+                "LoRA adapters are not served by a group of processes yet: serve them from one process"
+            )
         self.lora = slots
 
     def _inputs(self):
