@@ -34,6 +34,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     n: int = 1
     skip_special_tokens: bool = True
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    # The one output constraint above, as a `jaxllm.structured.GrammarSpec` (None: free output).
+    structured: object = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -42,6 +49,24 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         self._check()
+        self.structured = self._structured()
+
+    def _structured(self):
+        from jaxllm.structured import GrammarSpec
+
+        given = {
+            "json_schema": self.json_schema,
+            "json_object": True if self.json_object else None,
+            "regex": self.regex,
+            "choice": self.choice,
+            "grammar": self.grammar,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        if len(given) > 1:
+            raise InvalidSamplingParamsError(
+                f"give at most one output constraint, got {', '.join(given)}", param=next(iter(given))
+            )
+        return GrammarSpec.of(*next(iter(given.items()))) if given else None
 
     def _check(self):
         def bad(msg):

@@ -37,6 +37,7 @@ from jaxllm.errors import ContextLengthError, InvalidRequestError, JaxLLMError
 from jaxllm.kernels import reads_to_length
 from jaxllm.lora.slots import NO_ADAPTER, LoraSlots
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.structured import GrammarCompiler
 from jaxllm.tokenizer import Tokenizer
 
 
@@ -97,6 +98,7 @@ class Engine:
             )
         self.scheduler = Scheduler(0, token_budget, max_waiting, runner.decode_steps, mixed=self.mixed_step)
         self.surface = self._surface()
+        self.grammars = GrammarCompiler(tokenizer, self.cfg.vocab_size, self.cfg.eos_token_ids)
         self.prefilled_tokens = 0  # prompt tokens computed so far (for tests and metrics)
         self._inflight: _Dispatched | None = None
         self._rng = np.random.default_rng()
@@ -113,6 +115,8 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len}: shorten it"
             )
         params.check_vocab(self.cfg.vocab_size)
+        if params.structured is not None:
+            self.grammars.compile(params.structured)  # a bad schema, regex or grammar: its error, before queueing
         if params.prompt_logprobs is not None and not self.mixed_step:
             raise InvalidRequestError(
                 "prompt_logprobs needs the mixed step, which this engine runs without: drop --no-mixed-step "
@@ -144,6 +148,8 @@ class Engine:
         ]
         for s in seqs:
             s.lora = slot
+            if params.structured is not None:
+                s.matcher = self.grammars.matcher(params.structured)
         self.scheduler.add(seqs)
         return seqs
 
@@ -345,6 +351,7 @@ class Engine:
                 bias[i, tok] = b
         plist = [c.seq.params if c else None for c in by_row]
         seeds = [c.seq.seed if c else 0 for c in by_row]
+        masks = self._allowed_tokens([c.seq if c else None for c in by_row])
         longest = max(ctx, max(c.start for _, c in placed)) + length
         table = self._block_tables([c.seq if c else None for c in by_row], rows, longest)
         batch = PrefillBatch(
@@ -358,10 +365,10 @@ class Engine:
             last,
             prior,
             table,
-            row_params(plist, seeds, rows, [c.seq.lora if c else NO_ADAPTER for c in by_row]),
+            row_params(plist, seeds, rows, [c.seq.lora if c else NO_ADAPTER for c in by_row], masks),
             bias,
             ctx,
-            flags_for(plist),
+            dataclasses.replace(flags_for(plist), grammar=masks is not None),
         )
         return batch
 
@@ -383,9 +390,11 @@ class Engine:
         seeds = [s.seed if s else 0 for s in plist]
         active = np.array([s is not None for s in plist])
         table = self._block_tables(plist, shape.rows, shape.context)
+        masks = self._allowed_tokens(plist)
         flags = SamplerFlags.every() if shape.every else SamplerFlags()
+        flags = dataclasses.replace(flags, grammar=masks is not None)
         return DecodeBatch(
-            row_params(params, seeds, shape.rows, [s.lora if s else NO_ADAPTER for s in plist]),
+            row_params(params, seeds, shape.rows, [s.lora if s else NO_ADAPTER for s in plist], masks),
             active,
             table,
             shape.rows,
@@ -482,13 +491,30 @@ class Engine:
             out_steps,
             prior,
             table,
-            row_params(plist, [s.seed if s else 0 for s in seqs], n, [s.lora if s else NO_ADAPTER for s in seqs]),
+            row_params(
+                plist,
+                [s.seed if s else 0 for s in seqs],
+                n,
+                [s.lora if s else NO_ADAPTER for s in seqs],
+                masks := self._allowed_tokens(seqs),
+            ),
             bias,
             targets,
             shape.context,
-            SamplerFlags.every() if shape.every else SamplerFlags(),
+            dataclasses.replace(SamplerFlags.every() if shape.every else SamplerFlags(), grammar=masks is not None),
         )
         return batch, (owners, scored)
+
+    def _allowed_tokens(self, seqs) -> np.ndarray | None:
+        """The bitmask [rows, words] of the tokens each row may take next (every bit set for free rows and
+        padding), or None when no row is constrained (the batch then compiles and runs as a free one)."""
+        if not any(s is not None and s.matcher is not None for s in seqs):
+            return None
+        masks = np.full((len(seqs), (self.cfg.vocab_size + 31) // 32), -1, np.int32)
+        for row, s in enumerate(seqs):
+            if s is not None and s.matcher is not None:
+                s.matcher.fill(masks[row])
+        return masks
 
     def _process(self, done: _Dispatched) -> list[Update]:
         updates = []

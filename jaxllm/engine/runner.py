@@ -519,9 +519,9 @@ class ModelRunner:
         return grouped.at[:, : part.shape[0] // dp].set(part.reshape(dp, -1, *rest)).reshape(full.shape)
 
 
-def row_params(plist, seeds, rows: int, adapters=()) -> RowParams:
-    """Pack per-row SamplingParams (None for an empty row), seeds and LoRA adapter slots (none by default) into
-    RowParams arrays [rows]."""
+def row_params(plist, seeds, rows: int, adapters=(), bitmask: np.ndarray | None = None) -> RowParams:
+    """Pack per-row SamplingParams (None for an empty row), seeds, LoRA adapter slots (none by default) and the
+    allowed-token bitmask of constrained rows ([rows, words], or None) into RowParams arrays [rows]."""
 
     def col(attr, default, dtype):
         return np.array(
@@ -540,6 +540,7 @@ def row_params(plist, seeds, rows: int, adapters=()) -> RowParams:
         seed=np.array(list(seeds) + [0] * (rows - len(seeds)), np.uint32),
         logprobs=np.array([p is not None and p.logprobs is not None for p in plist] + [False] * (rows - len(plist))),
         lora=np.array(list(adapters) + [NO_ADAPTER] * (rows - len(adapters)), np.int32),
+        bitmask=np.zeros((rows, 0), np.int32) if bitmask is None else bitmask,
     )
 
 

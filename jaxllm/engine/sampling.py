@@ -32,6 +32,9 @@ class RowParams:
     seed: jax.Array
     logprobs: jax.Array  # bool: the row asked for logprobs
     lora: jax.Array  # int32: the row's LoRA adapter slot (`jaxllm.lora.NO_ADAPTER`: none)
+    # int32 [batch, ceil(vocab / 32)]: the tokens each row may take (see `apply_token_bitmask`; a free row's
+    # words are all ones), under `SamplerFlags.grammar`; [batch, 0] otherwise.
+    bitmask: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,7 @@ class SamplerFlags:
     penalties: bool = False  # some row has repetition/presence/frequency penalties or a logit bias
     min_tokens: bool = False  # some row suppresses stop tokens for its first tokens
     logprobs: bool = False  # some row asked for logprobs
+    grammar: bool = False  # some row's output is constrained: `RowParams.bitmask` applies (one step per dispatch)
 
     @classmethod
     def every(cls) -> SamplerFlags:
@@ -64,6 +68,16 @@ def apply_penalties(logits, params: RowParams, prompt_mask, counts, bias):
     logits = logits - params.frequency_penalty[:, None] * counts
     logits = logits - params.presence_penalty[:, None] * (counts > 0)
     return logits + bias
+
+
+def apply_token_bitmask(logits, bitmask, constrained):
+    """Disallowed tokens to -inf on constrained rows: logits [rows, V]; bitmask [rows, ceil(V / 32)] int32 (bit
+    t % 32 of word t // 32 set: token t allowed, llguidance's layout); constrained [rows] bool (the others
+    keep every token)."""
+    rows, vocab = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [rows, words, 32]
+    allowed = bits.reshape(rows, -1)[:, :vocab].astype(bool)
+    return jnp.where(constrained[:, None] & ~allowed, -jnp.inf, logits)
 
 
 def filter_logits(logits, top_k, top_p, min_p):
@@ -130,6 +144,8 @@ def sample(
     if flags.min_tokens:
         early = (steps < params.min_tokens)[:, None]
         logits = jnp.where(early & stop_mask[None, :], NEG_INF, logits)
+    if flags.grammar:
+        logits = apply_token_bitmask(logits, params.bitmask, jnp.ones(logits.shape[:1], bool))
     greedy = first_argmax(logits)
     tokens = greedy
     if flags.sample:

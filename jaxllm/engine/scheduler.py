@@ -157,7 +157,10 @@ class Scheduler:
         # runs them all (pages are grown for that before knowing whether chunks join).
         steps = self.decode_steps if self.mixed or not busy else 1
         decodes = []
-        for s in self._by_age(lambda s: s.prefilled and not s.finished and s.wants_more()):
+        # A constrained sequence's next allowed tokens follow from its last token: it waits for that one to be
+        # read, and takes one step at a time.
+        ready = lambda s: s.prefilled and not s.finished and s.wants_more() and not (s.matcher and s.inflight)
+        for s in self._by_age(ready):
             # This step writes positions up to num_tokens + inflight + steps - 2, of which those past
             # the sequence's last token are never read: no pages for them (their writes are dropped).
             useful = min(s.inflight + steps, s.remaining())
@@ -179,7 +182,7 @@ class Scheduler:
             prefills.append(chunk)
             budget -= chunk.end - chunk.start
         decodes = [s for s in decodes if s.slot is not None]  # drop any preempted by a later prefill
-        if self.mixed and prefills:
+        if (self.mixed and prefills) or any(s.matcher is not None for s in decodes):
             steps = 1
         for s in decodes:
             s.inflight += steps

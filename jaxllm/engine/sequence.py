@@ -57,6 +57,7 @@ class Sequence:
         self.slot: int | None = None
         self.replica = 0  # the data-parallel replica whose slot and KV pages it uses, set on admission
         self.lora = -1  # the LoRA adapter slot its tokens run through (-1: none), set when it is queued
+        self.matcher = None  # its output constraint's `jaxllm.structured.Matcher`, set when it is queued
         self.order = 0  # admission order, set by the scheduler: the highest is the newest
         self.num_computed = 0  # tokens already dispatched into the KV cache by prefill
         self.prefill_len = len(prompt_ids)  # tokens to prefill: the prompt, plus earlier outputs after preemption
@@ -112,12 +113,18 @@ class Sequence:
         self.output_ids.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
+        if self.matcher is not None:
+            self.matcher.accept(token)
         if token in self.stop_ids and len(self.output_ids) > self.params.min_tokens:
             self.finish_reason, self.stop_reason = "stop", token
             self.text += self.detok.flush()
             return
         self.text += self.detok.add([token])
         if self.params.stop and self._check_stop_strings():
+            return
+        if self.matcher is not None and self.matcher.done:  # the constraint is complete: nothing may follow
+            self.text += self.detok.flush()
+            self.finish_reason = "stop"
             return
         if self.remaining() <= 0:
             self.text += self.detok.flush()

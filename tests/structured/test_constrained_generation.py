@@ -1,0 +1,77 @@
+"""Constrained decoding with the real SmolLM2: JSON schemas validate, regexes and choices match, a grammar's
+end finishes the output, and free rows beside constrained ones generate exactly what they do alone."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.errors import InvalidRequestError, InvalidSamplingParamsError
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "color": {"enum": ["red", "green", "blue"]},
+        "pets": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+    },
+    "required": ["name", "age", "color", "pets"],
+    "additionalProperties": False,
+}
+PROMPTS = ["Describe a person as JSON.", "Give me a JSON record of a pet owner.", "Who are you? Answer in JSON."]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2):
+    return LLM(loaded=smollm2.loaded, max_num_seqs=8, max_model_len=512)
+
+
+def _chat(llm, prompts, params, **kw):
+    return [o.outputs[0] for o in llm.chat([[{"role": "user", "content": p}] for p in prompts], params, **kw)]
+
+
+@pytest.mark.slow
+def test_json_schema_outputs_always_validate(llm):
+    for seed in (0, 1):
+        params = SamplingParams(max_tokens=160, temperature=0.8, seed=seed, json_schema=SCHEMA)
+        for out in _chat(llm, PROMPTS, params, use_tqdm=False):
+            assert out.finish_reason == "stop", out
+            jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+@pytest.mark.slow
+def test_regex_choice_and_json_object(llm):
+    out = _chat(llm, ["What is 12 times 12?"], SamplingParams(max_tokens=20, temperature=0, regex=r"[0-9]{1,4}"))[0]
+    assert re.fullmatch(r"[0-9]{1,4}", out.text), out
+    choices = ["positive", "negative", "neutral"]
+    out = _chat(llm, ["'I love it!' Sentiment?"], SamplingParams(max_tokens=8, temperature=0, choice=choices))[0]
+    assert out.text in choices and out.finish_reason == "stop"
+    out = _chat(llm, ["A JSON object, please."], SamplingParams(max_tokens=120, temperature=0, json_object=True))[0]
+    assert isinstance(json.loads(out.text), dict), out
+
+
+@pytest.mark.slow
+def test_free_rows_beside_constrained_rows_generate_what_they_do_alone(llm):
+    free = SamplingParams(max_tokens=24, temperature=0.7, seed=5)
+    alone = _chat(llm, PROMPTS[:2], free, use_tqdm=False)
+    constrained = SamplingParams(max_tokens=24, temperature=0.7, seed=5, choice=["yes", "no"])
+    mixed = llm.chat(
+        [[{"role": "user", "content": p}] for p in [PROMPTS[0], "Yes or no?", PROMPTS[1]]],
+        [free, constrained, free],
+        use_tqdm=False,
+    )
+    assert [o.outputs[0].token_ids for o in (mixed[0], mixed[2])] == [o.token_ids for o in alone]
+    assert mixed[1].outputs[0].text in ("yes", "no")
+
+
+def test_bad_constraints_are_refused_before_queueing(llm):
+    with pytest.raises(InvalidRequestError, match="regex"):
+        llm.generate("x", SamplingParams(max_tokens=4, regex="(unclosed"), use_tqdm=False)
+    with pytest.raises(InvalidSamplingParamsError, match="at most one output constraint"):
+        SamplingParams(regex="a", choice=["a"])
+    assert not llm.engine.has_unfinished()
