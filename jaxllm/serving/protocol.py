@@ -6,7 +6,36 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jaxllm.errors import InvalidRequestError
 from jaxllm.sampling_params import SamplingParams
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema: the schema under `schema` (strict or not, it is enforced)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's extension: exactly one of a JSON schema, a regex, a choice of strings, a Lark grammar, any object."""
+
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
 
 
 class _Request(BaseModel):
@@ -29,6 +58,32 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def constraint(self) -> dict:
+        """The output constraint as SamplingParams keywords, from response_format or structured_outputs."""
+        if self.response_format is not None and self.response_format.type != "text" and self.structured_outputs:
+            raise InvalidRequestError("give response_format or structured_outputs, not both", param="response_format")
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            given = {k: v for k, v in so.model_dump().items() if v not in (None, False)}
+            if len(given) != 1:
+                raise InvalidRequestError(
+                    "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+                    param="structured_outputs",
+                )
+            return given
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return {}
+        if rf.type == "json_object":
+            return {"json_object": True}
+        if rf.json_schema is None or rf.json_schema.json_schema is None:
+            raise InvalidRequestError(
+                "response_format of type json_schema needs json_schema.schema", param="response_format.json_schema"
+            )
+        return {"json_schema": rf.json_schema.json_schema}
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """SamplingParams for this request (values validated there; errors name the field)."""
@@ -56,6 +111,7 @@ class _Request(BaseModel):
             min_tokens=min(self.min_tokens, max_tokens),
             ignore_eos=self.ignore_eos,
             **given,
+            **self.constraint(),
         )
 
 
