@@ -75,3 +75,21 @@ def test_bad_constraints_are_refused_before_queueing(llm):
     with pytest.raises(InvalidSamplingParamsError, match="at most one output constraint"):
         SamplingParams(regex="a", choice=["a"])
     assert not llm.engine.has_unfinished()
+
+
+def test_free_only_batches_compile_nothing_new_around_constrained_ones(tiny_models):
+    """After warm-up, free requests compile nothing; a constrained one compiles its own variant; free ones after
+    it still compile nothing (the constrained variant never replaces theirs)."""
+    llm = LLM(str(tiny_models["llama"][0]), max_num_seqs=2, max_model_len=64, token_budget=32, progress=False)
+    llm.engine.warmup()
+    free = SamplingParams(max_tokens=6, temperature=0.0)
+    run = lambda params: llm.generate([[1, 17, 42, 99, 5]], params, use_tqdm=False)[0].outputs[0]
+    warm = dict(llm.runner.compiles)
+    first = run(free).token_ids
+    assert dict(llm.runner.compiles) == warm
+    out = run(SamplingParams(max_tokens=6, temperature=0.0, choice=["ab", "cd"]))
+    assert out.text in ("ab", "cd") and out.finish_reason == "stop"
+    constrained = dict(llm.runner.compiles)
+    assert constrained != warm
+    assert run(free).token_ids == first
+    assert dict(llm.runner.compiles) == constrained
