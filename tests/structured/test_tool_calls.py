@@ -1,0 +1,102 @@
+"""Tool-call parsing per format, whole and streamed at every split point; malformed calls stay content."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxllm.structured.tool_calls import ToolCallStream, format_for, parse
+
+WEATHER = {"city": "Paris", "unit": "celsius"}
+CASES = {
+    "hermes": (
+        'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
+        '</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>',
+        "Let me check.",
+    ),
+    "llama3": (
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
+        '{"name": "get_time", "parameters": {}}',
+        "",
+    ),
+    "mistral": (
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, '
+        '{"name": "get_time", "arguments": {}}]',
+        "",
+    ),
+    "json": (
+        '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, '
+        '{"function": {"name": "get_time", "arguments": "{}"}}]}',
+        "",
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_each_format_parses_its_calls(fmt):
+    text, content = CASES[fmt]
+    got, calls = parse(text, fmt)
+    assert got == content
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", WEATHER), ("get_time", {})]
+    assert len({c.id for c in calls}) == 2
+
+
+def test_newer_mistral_calls():
+    content, calls = parse('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}', "mistral")
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", WEATHER)]
+
+
+@pytest.mark.parametrize(
+    "fmt, text",
+    [
+        ("hermes", 'Sure <tool_call>{"name": "f", "arguments": {"a": }</tool_call>'),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {}}'),  # never closed
+        ("hermes", '<tool_call>{"arguments": {}}</tool_call>'),  # no name
+        ("llama3", '{"name": "f", "parameters": {"a": 1}'),
+        ("mistral", "[TOOL_CALLS][{oops}]"),
+        ("json", '{"answer": 42}'),
+        ("json", "Paris is the capital."),
+    ],
+)
+def test_malformed_calls_stay_plain_content(fmt, text):
+    assert parse(text, fmt) == (text, [])
+
+
+def _streamed(text, fmt, split):
+    s = ToolCallStream(fmt)
+    shown = "".join(s.feed(text[i : i + split]) for i in range(0, len(text), split))
+    rest, calls = s.finish()
+    return shown + rest, calls
+
+
+@pytest.mark.parametrize("fmt", list(CASES))
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 7])
+def test_streamed_calls_equal_the_whole_parse_at_every_split(fmt, split):
+    text, content = CASES[fmt]
+    shown, calls = _streamed(text, fmt, split)
+    want_content, want_calls = parse(text, fmt)
+    assert shown.strip() == want_content
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in want_calls]
+
+
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_plain_answers_stream_as_they_come(fmt):
+    text = "The weather in Paris is mild < 20 degrees [today]."
+    s = ToolCallStream(fmt)
+    pieces = [s.feed(ch) for ch in text]
+    assert "".join(pieces) + s.finish()[0] == text
+    assert sum(map(len, pieces[: len(text) // 2])) > 0  # content is not held to the end
+
+
+def test_the_stream_holds_only_what_may_start_a_marker():
+    s = ToolCallStream("hermes")
+    assert s.feed("Hi <tool") == "Hi "
+    assert s.feed("box>") == "<toolbox>"
+
+
+def test_format_follows_the_chat_template():
+    assert format_for("{% if tools %}<tool_call>{% endif %}") == "hermes"
+    assert format_for("[TOOL_CALLS]") == "mistral"
+    assert format_for("<|python_tag|>") == "llama3"
+    assert format_for(None) == "json"
