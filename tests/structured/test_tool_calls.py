@@ -100,3 +100,72 @@ def test_format_follows_the_chat_template():
     assert format_for("[TOOL_CALLS]") == "mistral"
     assert format_for("<|python_tag|>") == "llama3"
     assert format_for(None) == "json"
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "get_time"}},
+]
+CALLS_TEXT = {  # two calls, as each format writes them
+    "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+    "llama3": '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
+    '{"name": "get_time", "parameters": {}}',
+    "mistral": CASES["mistral"][0],
+    "json": '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, '
+    '{"name": "get_time", "arguments": {}}]',
+}
+
+
+@pytest.fixture(scope="module")
+def compiler(smollm2_path):
+    from jaxllm.loading.gguf_file import GGUFFile
+    from jaxllm.structured import GrammarCompiler
+    from jaxllm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_metadata(GGUFFile(smollm2_path).metadata)
+    return GrammarCompiler(tok, tok.vocab_size, (tok.eos_id,))
+
+
+def _matches(compiler, grammar: str, text: str) -> bool:
+    from jaxllm.structured import GrammarSpec
+
+    m = compiler.matcher(GrammarSpec.of("grammar", grammar))
+    return all(m.accept(t) for t in compiler.tokenizer.encode(text, add_special_tokens=False)) and m.accepting
+
+
+@pytest.mark.parametrize("fmt", list(CALLS_TEXT))
+def test_required_calls_are_what_the_grammar_allows(compiler, fmt):
+    from jaxllm.structured.tool_choice import call_grammar, chosen
+
+    text = CALLS_TEXT[fmt]
+    assert [c.name for c in parse(text, fmt)[1]] == ["get_weather", "get_time"]
+    assert _matches(compiler, call_grammar(fmt, chosen("required", TOOLS), parallel=True), text)
+    assert not _matches(compiler, call_grammar(fmt, chosen("required", TOOLS), parallel=False), text)
+    named = chosen({"type": "function", "function": {"name": "get_time"}}, TOOLS)
+    assert not _matches(compiler, call_grammar(fmt, named, parallel=True), text)  # get_weather is not allowed
+    bad_args = text.replace('"celsius"', '"kelvin"')
+    assert not _matches(compiler, call_grammar(fmt, chosen("required", TOOLS), parallel=True), bad_args)
+
+
+def test_tool_choice_mistakes_are_clear():
+    from jaxllm.errors import InvalidRequestError
+    from jaxllm.structured.tool_choice import chosen
+
+    assert chosen("auto", TOOLS) is None and chosen("none", TOOLS) is None
+    with pytest.raises(InvalidRequestError, match="not among the tools"):
+        chosen({"type": "function", "function": {"name": "nope"}}, TOOLS)
+    with pytest.raises(InvalidRequestError, match="needs tools"):
+        chosen("required", [])
+    with pytest.raises(InvalidRequestError, match=r"tools\[0\]"):
+        chosen("required", [{"type": "function"}])
