@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 from collections.abc import Iterator
 
 import jax
@@ -19,6 +20,9 @@ from jaxllm.loading.load import LoadedModel, LoadOptions, Parallelism, load_mode
 from jaxllm.outputs import CompletionOutput, RequestOutput, StreamDelta
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scoring import Score
+from jaxllm.structured import tool_choice as tool_choice_grammar
+from jaxllm.structured.tool_calls import format_for
+from jaxllm.structured.tool_calls import parse as parse_tool_calls
 
 
 def default_dtype():
@@ -305,12 +309,36 @@ class LLM:
         return totals
 
     def chat(
-        self, messages, params: SamplingParams | None = None, use_tqdm: bool = True, lora: str | None = None
+        self,
+        messages,
+        params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+        lora: str | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = "auto",
+        parallel_tool_calls: bool = True,
     ) -> list[RequestOutput]:
-        """Chat completion for one conversation (a list of messages) or a list of conversations."""
+        """Chat completion for one conversation (a list of messages) or a list of conversations.
+
+        tools: OpenAI function tools, rendered by the chat template; the calls the model writes come back as
+        `outputs[i].tool_calls` (finish_reason "tool_calls"). tool_choice: "auto" (the model decides), "none",
+        "required" or {"type": "function", "function": {"name": ...}}, the last two enforced by a grammar."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.apply_chat_template(m) for m in convs]
-        return self.generate(prompts, params, use_tqdm=use_tqdm, lora=lora)
+        prompts = [self.apply_chat_template(m, tools=tools) for m in convs]
+        fmt = format_for(self.tokenizer.chat_template)
+        must = tool_choice_grammar.chosen(tool_choice, tools) if tools else None
+        if must is not None:
+            params = dataclasses.replace(
+                params or SamplingParams(), grammar=tool_choice_grammar.call_grammar(fmt, must, parallel_tool_calls)
+            )
+        outs = self.generate(prompts, params, use_tqdm=use_tqdm, lora=lora)
+        if tools and tool_choice != "none":
+            for o in outs:
+                for c in o.outputs:
+                    content, calls = parse_tool_calls(c.text, fmt)
+                    if calls:
+                        c.text, c.tool_calls, c.finish_reason = content, calls, "tool_calls"
+        return outs
 
     def stream(self, prompt, params: SamplingParams | None = None, lora: str | None = None) -> Iterator[StreamDelta]:
         """Yield text deltas of one prompt (string or token ids) as they are generated."""

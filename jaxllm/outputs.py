@@ -17,6 +17,9 @@ class CompletionOutput:
     finish_reason: str | None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
+    # With tools: the calls the model wrote (`jaxllm.structured.tool_calls.ToolCall`); `text` is then the
+    # content around them and finish_reason "tool_calls".
+    tool_calls: list | None = None
 
 
 @dataclasses.dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -133,9 +134,19 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def as_template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it: content always a string (an assistant's tool-call message
+        has none), tool calls' arguments decoded into objects (as Hugging Face templates expect them)."""
         d = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             d["content"] = "".join(p.text for p in self.content)
+        d.setdefault("content", "")
+        for call in d.get("tool_calls") or []:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"])
+                except json.JSONDecodeError:
+                    pass  # a template that prints them gets them as they came
         return d
 
 
@@ -146,6 +157,8 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_Request):

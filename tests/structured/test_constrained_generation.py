@@ -93,3 +93,16 @@ def test_free_only_batches_compile_nothing_new_around_constrained_ones(tiny_mode
     assert constrained != warm
     assert run(free).token_ids == first
     assert dict(llm.runner.compiles) == constrained
+
+
+@pytest.mark.slow
+def test_chat_with_tools_returns_the_calls(llm):
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}}]
+    ask = [{"role": "user", "content": "Weather in Rome?"}]
+    out = llm.chat(ask, SamplingParams(max_tokens=60, temperature=0), tools=tools, tool_choice="required")[0]
+    c = out.outputs[0]
+    assert c.finish_reason == "tool_calls" and [t.name for t in c.tool_calls] == ["get_weather"]
+    jsonschema.validate(json.loads(c.tool_calls[0].arguments), weather)
+    free = llm.chat(ask, SamplingParams(max_tokens=8, temperature=0), tools=tools, tool_choice="none")[0].outputs[0]
+    assert free.tool_calls is None

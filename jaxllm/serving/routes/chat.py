@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from starlette.requests import Request
@@ -19,6 +20,9 @@ from jaxllm.serving.routes.common import (
     usage,
 )
 from jaxllm.serving.sse import DONE, event
+from jaxllm.structured import tool_choice
+from jaxllm.structured.tool_calls import ToolCallStream, format_for
+from jaxllm.structured.tool_calls import parse as parse_tool_calls
 
 
 def _logprobs(tokenizer, lps) -> list[dict]:
@@ -44,6 +48,13 @@ async def chat_completions(request: Request):
         req.max_completion_tokens if use_new else req.max_tokens, len(ids), llm.max_model_len, param
     )
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    fmt = format_for(llm.tokenizer.chat_template)
+    must = tool_choice.chosen(req.tool_choice, req.tools)
+    if must is not None:
+        if params.structured is not None:
+            raise InvalidRequestError("tool_choice cannot be combined with an output format", param="tool_choice")
+        params = dataclasses.replace(params, grammar=tool_choice.call_grammar(fmt, must, req.parallel_tool_calls))
+    tools = fmt if req.tools and req.tool_choice != "none" else None  # parse calls out of the output
     rid, created = request_id("chatcmpl"), int(time.time())
     stream = tracked(state, state.engine.generate(ids, params, rid, adapter_of(state, req.model)), start)
     first, rest = await first_and_rest(stream)
@@ -51,7 +62,7 @@ async def chat_completions(request: Request):
     base = {"id": rid, "created": created, "model": req.model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _events(state, base, first, rest, len(ids), params.n, include_usage, req.logprobs)
+        events = _events(state, base, first, rest, len(ids), params.n, include_usage, req.logprobs, tools)
         return StreamingResponse(events, media_type="text/event-stream")
     texts, tokens = [""] * params.n, [0] * params.n
     lps, finish = [[] for _ in range(params.n)], [None] * params.n
@@ -65,24 +76,37 @@ async def chat_completions(request: Request):
         tokens[out.index] += len(out.token_ids)
         lps[out.index] += out.logprobs
         finish[out.index] = out.finish_reason or finish[out.index]
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": texts[i]},
-            "logprobs": {"content": _logprobs(llm.tokenizer, lps[i])} if req.logprobs else None,
-            "finish_reason": finish[i],
-        }
-        for i in range(params.n)
-    ]
+    choices = []
+    for i in range(params.n):
+        message, reason = {"role": "assistant", "content": texts[i]}, finish[i]
+        if tools is not None:
+            content, calls = parse_tool_calls(texts[i], tools)
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": _calls(calls)}
+                reason = "tool_calls"
+        lp = {"content": _logprobs(llm.tokenizer, lps[i])} if req.logprobs else None
+        choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
     state.metrics.requests.labels("200").inc()
     body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), sum(tokens), cached)}
     return JSONResponse(body)
 
 
-async def _events(state, base, first, rest, prompt_len, n, include_usage, logprobs):
+def _calls(calls, with_index: bool = False) -> list[dict]:
+    """OpenAI's tool_calls entries (with their index, for stream deltas)."""
+    out = []
+    for k, c in enumerate(calls):
+        entry = {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        out.append({"index": k, **entry} if with_index else entry)
+    return out
+
+
+async def _events(state, base, first, rest, prompt_len, n, include_usage, logprobs, tools=None):
+    """The stream's chunks; with `tools` (a tool-call format), content passes through a `ToolCallStream` and
+    the calls come as one delta each at the end, with finish_reason "tool_calls"."""
     chunk = {**base, "object": "chat.completion.chunk"}
     completion = cached = 0
     started = set()
+    streams: dict[int, ToolCallStream] = {}
 
     async def all_outputs():
         if first is not None:
@@ -103,15 +127,29 @@ async def _events(state, base, first, rest, prompt_len, n, include_usage, logpro
                 )
             completion += len(out.token_ids)
             cached = max(cached, out.cached_tokens)
-            if out.text or out.finish_reason or (logprobs and out.logprobs):
+            text, reason, calls = out.text, out.finish_reason, []
+            if tools is not None:
+                parser = streams.setdefault(out.index, ToolCallStream(tools))
+                text = parser.feed(text)
+                if reason is not None:
+                    tail, calls = parser.finish()
+                    text += tail
+                    reason = "tool_calls" if calls else reason
+            if text or reason or (logprobs and out.logprobs):
                 lp = {"content": _logprobs(state.llm.tokenizer, out.logprobs)} if logprobs else None
-                delta = {"content": out.text} if out.text else {}
+                delta = {"content": text} if text else {}
+                if calls:
+                    yield event(
+                        {
+                            **chunk,
+                            "choices": [{"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": None}],
+                        }
+                    )
+                    delta, lp = {"tool_calls": _calls(calls, with_index=True)}, None
                 yield event(
                     {
                         **chunk,
-                        "choices": [
-                            {"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
-                        ],
+                        "choices": [{"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": reason}],
                     }
                 )
         if include_usage:
