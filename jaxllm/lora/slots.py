@@ -30,7 +30,7 @@ def variables(stacked: dict, num_layers: int, scan_layers: bool) -> dict:
     """path -> {"a", "b"} with a leading layer axis, as the 'lora' collection: under the scan the stacks
     themselves ({"layers": {...}}), unrolled one layer's slice per `layers_i` module."""
     if scan_layers:
-        return _nest({path: ab for path, ab in stacked.items()})
+        return _nest(stacked)
     out = {}
     for i in range(num_layers):
         out.update(
@@ -60,6 +60,7 @@ class LoraSlots:
             raise InvalidRequestError("LoRA slots need a capacity and a max rank of at least 1")
         self.cfg, self.capacity, self.max_rank, self.dtype = cfg, capacity, max_rank, dtype
         self.names: dict[str, int] = {}
+        self._variables: dict[bool, dict] = {}  # per layout, made once per change of the slots
         self.stacked = {}
         for t in targets(cfg).values():
             p = t.param
@@ -102,6 +103,7 @@ class LoraSlots:
             a, b = self._padded(fused.get(path), ab)
             ab["a"], ab["b"] = ab["a"].at[:, slot].set(a), ab["b"].at[:, slot].set(b)
         self.names[name] = slot
+        self._variables.clear()
         return slot
 
     def remove(self, name: str) -> None:
@@ -110,9 +112,13 @@ class LoraSlots:
         for ab in self.stacked.values():
             ab["a"], ab["b"] = ab["a"].at[:, slot].set(0), ab["b"].at[:, slot].set(0)
         del self.names[name]
+        self._variables.clear()
 
     def variables(self, scan_layers: bool) -> dict:
-        return variables(self.stacked, self.cfg.num_layers, scan_layers)
+        """The 'lora' collection the steps read (unrolled: per-layer slices, cut once, not at every step)."""
+        if scan_layers not in self._variables:
+            self._variables[scan_layers] = variables(self.stacked, self.cfg.num_layers, scan_layers)
+        return self._variables[scan_layers]
 
     def _padded(self, fused: dict | None, ab: dict):
         """One slot's a [layers, K, R] and b [layers, R, N], the adapter's ranks first, zeros after."""

@@ -65,10 +65,7 @@ def _lora_delta(spec: str, x: jax.Array, lora: Lora, layer, kept_shape: tuple[in
     weights; rows of one adapter read that slot's a and b only (its term masked to those rows); rows of
     several adapters compute every slot's x @ a (rank-sized) masked by each row's slot, in one einsum. One
     compiled shape serves any mix of adapters and rows without one."""
-    xs, ws, out = _expand(spec, x.ndim)
-    contracted = [c for c in ws if c in xs and c not in out]
-    batch = [c for c in xs if c not in contracted]
-    kept = [c for c in ws if c not in contracted]
+    xs, ws, out, contracted, batch, kept = _letters(spec, x.ndim)
     x2 = jnp.transpose(x, [xs.index(c) for c in batch + contracted]).astype(lora.a.dtype)
     lead = x2.shape[: len(batch)]
     x2 = x2.reshape(math.prod(lead), -1)
@@ -94,10 +91,7 @@ def _lora_delta(spec: str, x: jax.Array, lora: Lora, layer, kept_shape: tuple[in
 def _einsum(spec: str, x: jax.Array, w, layer=None, **kwargs) -> jax.Array:
     if not isinstance(w, QuantizedWeight):
         return jnp.einsum(spec, x, w if layer is None else w[layer], **kwargs)
-    xs, ws, out = _expand(spec, x.ndim)
-    contracted = [c for c in ws if c in xs and c not in out]
-    kept = [c for c in ws if c not in contracted]
-    batch = [c for c in xs if c not in contracted]
+    xs, ws, out, contracted, batch, kept = _letters(spec, x.ndim)
     if sorted(batch + kept) != sorted(out) or len(set(xs)) != len(xs):
         raise ValueError(f"quantized einsum {spec!r}: the output must hold x's free letters and the weight's")
     sizes = dict(zip(xs, x.shape, strict=True))
@@ -176,6 +170,13 @@ def take(w, ids: jax.Array) -> jax.Array:
         return jnp.take(w, ids, axis=0)
     rows = jax.tree.map(lambda a: jnp.take(a, ids, axis=0), w)
     return rows.dequantize(jnp.float32)
+
+
+def _letters(spec: str, x_ndim: int):
+    """(x's letters, the weight's, the output's, the contracted ones, x's free ones, the weight's kept ones)."""
+    xs, ws, out = _expand(spec, x_ndim)
+    contracted = [c for c in ws if c in xs and c not in out]
+    return xs, ws, out, contracted, [c for c in xs if c not in contracted], [c for c in ws if c not in contracted]
 
 
 def _expand(spec: str, x_ndim: int) -> tuple[str, str, str]:
