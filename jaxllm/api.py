@@ -14,6 +14,7 @@ from jaxllm import distributed, scoring
 from jaxllm.chat_template import render_chat
 from jaxllm.distributed import Cluster
 from jaxllm.engine.engine import Engine
+from jaxllm.engine.output_processor import OutputProcessor
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.errors import InvalidRequestError
 from jaxllm.loading.load import LoadedModel, LoadOptions, Parallelism, load_model, same_layout
@@ -22,7 +23,6 @@ from jaxllm.sampling_params import SamplingParams
 from jaxllm.scoring import Score
 from jaxllm.structured import tool_choice as tool_choice_grammar
 from jaxllm.structured.tool_calls import format_for
-from jaxllm.structured.tool_calls import parse as parse_tool_calls
 
 
 def default_dtype():
@@ -153,6 +153,7 @@ class LLM:
             prefix_caching=prefix_caching,
             mixed_step=mixed_step,
         )
+        self.outputs = OutputProcessor(self.tokenizer)
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         for name, adapter in (lora or {}).items():
             self.add_lora(name, adapter)
@@ -247,6 +248,10 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list (strings or token-id lists), all batched together. lora: the
         adapter (by name, see `add_lora`) of every prompt, or one per prompt (None: the base model)."""
+        return self._generate(prompts, params, use_tqdm, lora)
+
+    def _generate(self, prompts, params, use_tqdm: bool, lora, tool_format: str | None = None) -> list[RequestOutput]:
+        """`generate`, with tool calls parsed out of the outputs in `tool_format` when given."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -263,18 +268,31 @@ class LLM:
         total = sum(p.n for p in plist)
         longest = max(len(ids) + p.max_tokens for (_, ids), p in zip(encoded, plist, strict=True))
         self.engine.reserve(total, longest)
-        seqs = [
-            self.engine.add_request(ids, p, lora=a) for (_, ids), p, a in zip(encoded, plist, adapters, strict=True)
-        ]
+        results = {}
+        for (text, ids), p, a in zip(encoded, plist, adapters, strict=True):
+            seqs = self.engine.add_request(ids, p, lora=a)
+            self.outputs.add(seqs, tool_format)
+            results[seqs[0].request_id] = _request_output(seqs, text)
         bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm or len(prompts) < 2)
-        unfinished = {group[0].request_id: len(group) for group in seqs}  # each sequence finishes once
-        while self.engine.has_unfinished():
-            for u in self.engine.step():
-                if u.finished:
-                    unfinished[u.seq.request_id] -= 1
-                    bar.update(unfinished[u.seq.request_id] == 0)
-        bar.close()
-        return [_request_output(group, text) for group, (text, _) in zip(seqs, encoded, strict=True)]
+        unfinished = {rid: len(r.outputs) for rid, r in results.items()}  # each sequence finishes once
+        try:
+            while self.engine.has_unfinished():
+                for d in self.outputs.step(self.engine):
+                    result = results[d.request_id]
+                    result.outputs[d.index].add(d)
+                    if d.prompt_logprobs is not None:
+                        result.prompt_logprobs = d.prompt_logprobs
+                    if d.finish_reason is not None:
+                        unfinished[d.request_id] -= 1
+                        bar.update(unfinished[d.request_id] == 0)
+        except BaseException:  # interrupted (in a notebook, say): leave nothing running behind
+            for rid in results:
+                self.engine.abort(rid)
+                self.outputs.drop(rid)
+            raise
+        finally:
+            bar.close()
+        return list(results.values())
 
     # ---- scoring --------------------------------------------------------------------------------
     def score(self, contexts, continuations, use_tqdm: bool = False) -> list[Score]:
@@ -331,14 +349,7 @@ class LLM:
             params = dataclasses.replace(
                 params or SamplingParams(), grammar=tool_choice_grammar.call_grammar(fmt, must, parallel_tool_calls)
             )
-        outs = self.generate(prompts, params, use_tqdm=use_tqdm, lora=lora)
-        if tools and tool_choice != "none":
-            for o in outs:
-                for c in o.outputs:
-                    content, calls = parse_tool_calls(c.text, fmt)
-                    if calls:
-                        c.text, c.tool_calls, c.finish_reason = content, calls, "tool_calls"
-        return outs
+        return self._generate(prompts, params, use_tqdm, lora, fmt if tools and tool_choice != "none" else None)
 
     def stream(self, prompt, params: SamplingParams | None = None, lora: str | None = None) -> Iterator[StreamDelta]:
         """Yield text deltas of one prompt (string or token ids) as they are generated."""
@@ -347,16 +358,16 @@ class LLM:
         self.engine.check_prompt(ids, params)
         self.engine.lora_slot(lora)
         self.engine.reserve(params.n, len(ids) + params.max_tokens)
-        rid = self.engine.add_request(ids, params, lora=lora)[0].request_id
+        seqs = self.engine.add_request(ids, params, lora=lora)
+        self.outputs.add(seqs)
         try:
             while self.engine.has_unfinished():
-                for u in self.engine.step():
-                    if u.text or u.token_ids or u.finished:
-                        yield StreamDelta(
-                            u.seq.index, u.text, u.token_ids, u.logprobs, u.seq.finish_reason if u.finished else None
-                        )
+                for d in self.outputs.step(self.engine):
+                    if d.text or d.token_ids or d.finish_reason is not None:
+                        yield d
         finally:  # an abandoned stream must not leave work behind
-            self.engine.abort(rid)
+            self.engine.abort(seqs[0].request_id)
+            self.outputs.drop(seqs[0].request_id)
             while self.engine.has_unfinished():
                 self.engine.step()
 
@@ -367,15 +378,6 @@ class LLM:
 
 
 def _request_output(seqs, prompt_text) -> RequestOutput:
-    outs = [
-        CompletionOutput(
-            s.index,
-            s.text,
-            list(s.output_ids),
-            s.finish_reason,
-            s.stop_reason,
-            s.logprobs if s.params.logprobs is not None else None,
-        )
-        for s in seqs
-    ]
-    return RequestOutput(seqs[0].request_id, prompt_text, seqs[0].prompt_ids, outs, True, seqs[0].prompt_logprobs)
+    """An empty output for a request's sequences, to which their deltas add up."""
+    outs = [CompletionOutput(s.index, "", [], None, None, [] if s.params.logprobs is not None else None) for s in seqs]
+    return RequestOutput(seqs[0].request_id, prompt_text, seqs[0].prompt_ids, outs, True)

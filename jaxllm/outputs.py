@@ -21,6 +21,19 @@ class CompletionOutput:
     # content around them and finish_reason "tool_calls".
     tool_calls: list | None = None
 
+    def add(self, delta: StreamDelta) -> None:
+        """Append a streamed piece of this completion (the output processor's deltas add up to the whole)."""
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        if self.logprobs is not None:
+            self.logprobs += delta.logprobs
+        if delta.tool_calls:
+            self.tool_calls = (self.tool_calls or []) + delta.tool_calls
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+            if self.tool_calls:  # the content around the calls, as a whole parse gives it
+                self.text = self.text.strip()
+
 
 @dataclasses.dataclass
 class Usage:
@@ -51,10 +64,20 @@ class RequestOutput:
 
 @dataclasses.dataclass
 class StreamDelta:
-    """A piece of a streamed completion: new text and tokens since the previous delta."""
+    """A piece of a streamed completion (`index` of n): new text and tokens since the previous delta.
+
+    finish_reason (with its stop_reason: the stop string or token) comes with the last piece; tool_calls: the
+    calls completed in this piece (with tools; then finish_reason is "tool_calls"); cached_tokens: prompt
+    tokens found in the prefix cache (on each piece of completion 0); prompt_logprobs: once, with the first
+    piece, when asked for (None for the first prompt token)."""
 
     index: int
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob]
     finish_reason: str | None
+    stop_reason: str | int | None = None
+    cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    tool_calls: list = dataclasses.field(default_factory=list)
+    request_id: str = ""

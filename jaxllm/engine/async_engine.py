@@ -19,25 +19,15 @@ import threading
 from collections.abc import AsyncIterator
 
 from jaxllm.engine.engine import Engine
-from jaxllm.engine.sequence import TokenLogprob
+from jaxllm.engine.output_processor import OutputProcessor
 from jaxllm.errors import DistributedError, EngineShutdownError
+from jaxllm.outputs import StreamDelta
 from jaxllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class StreamOutput:
-    """New output of one completion (`index` of n) since the previous one."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None
-    stop_reason: str | int | None = None
-    cached_tokens: int = 0  # prompt tokens found in the prefix cache (counted once per prompt: index 0)
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, when asked for (see Update)
+StreamOutput = StreamDelta  # what each request's stream yields
 
 
 @dataclasses.dataclass
@@ -64,6 +54,7 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.outputs = OutputProcessor(engine.tokenizer)  # used by the engine thread only
         self._cond = threading.Condition()
         self._commands: list = []
         self._requests: dict[str, _Request] = {}
@@ -111,10 +102,16 @@ class AsyncEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, lora: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        lora: str | None = None,
+        tool_format: str | None = None,
     ) -> AsyncIterator[StreamOutput]:
-        """Stream the outputs of one request (through the LoRA adapter named `lora`, if any). Raises typed
-        errors (queue full, context, unknown adapter) before the first."""
+        """Stream the outputs of one request (through the LoRA adapter named `lora`, if any; with tool calls
+        parsed out in `tool_format`, if given). Raises typed errors (queue full, context, unknown adapter)
+        before the first."""
         if not self.accepting:
             raise EngineShutdownError("the server is shutting down: retry on another instance")
         self.engine.check_prompt(prompt_ids, params)
@@ -123,7 +120,7 @@ class AsyncEngine:
         req = _Request(asyncio.get_running_loop(), params.n)
         added: concurrent.futures.Future = concurrent.futures.Future()
         self._requests[rid] = req
-        self._send(("add", rid, prompt_ids, params, added, lora))
+        self._send(("add", rid, prompt_ids, params, added, lora, tool_format))
         try:
             await asyncio.wrap_future(added)
             while req.open:
@@ -161,7 +158,7 @@ class AsyncEngine:
                 self._apply(cmd)
             if self.engine.has_unfinished():
                 try:
-                    self._deliver(self.engine.step())
+                    self._deliver(self.outputs.step(self.engine))
                 except DistributedError as e:  # the group is broken: tell the clients, then stop this process
                     log.error("%s", e)
                     self._fail_all(e)
@@ -174,37 +171,27 @@ class AsyncEngine:
 
     def _apply(self, cmd) -> None:
         if cmd[0] == "add":
-            _, rid, prompt_ids, params, fut, lora = cmd
+            _, rid, prompt_ids, params, fut, lora, tool_format = cmd
             try:
-                self.engine.add_request(prompt_ids, params, rid, lora)
+                self.outputs.add(self.engine.add_request(prompt_ids, params, rid, lora), tool_format)
                 fut.set_result(None)
             except Exception as e:
                 self._requests.pop(rid, None)
                 fut.set_exception(e)
         elif cmd[0] == "abort":
             self.engine.abort(cmd[1])
+            self.outputs.drop(cmd[1])
 
-    def _deliver(self, updates) -> None:
-        for u in updates:
-            req = self._requests.get(u.seq.request_id)
-            if req is None:
-                continue
-            s = u.seq
-            out = StreamOutput(
-                s.index,
-                u.text,
-                u.token_ids,
-                u.logprobs,
-                s.finish_reason if u.finished else None,
-                s.stop_reason if u.finished else None,
-                s.cached_tokens if s.index == 0 else 0,
-                u.prompt_logprobs,
-            )
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
+    def _deliver(self, deltas: list[StreamDelta]) -> None:
+        for d in deltas:
+            req = self._requests.get(d.request_id)
+            if req is not None:
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, d)
 
     def _fail_all(self, error: Exception) -> None:
         for rid, req in list(self._requests.items()):
             self.engine.abort(rid)
+            self.outputs.drop(rid)
             req.loop.call_soon_threadsafe(req.queue.put_nowait, error)
         # Pages registered for chunks whose dispatch failed may never have been written.
         for pool in self.engine.scheduler.pools:

@@ -31,7 +31,7 @@ from jaxllm.engine.runner import (
 )
 from jaxllm.engine.sampling import SamplerFlags
 from jaxllm.engine.scheduler import Plan, PrefillChunk, Scheduler
-from jaxllm.engine.sequence import Sequence, TokenLogprob, Update
+from jaxllm.engine.sequence import Sampled, Sequence, TokenLogprob, TokenOutput
 from jaxllm.engine.surface import DecodeShape, MixedShape, Surface
 from jaxllm.errors import ContextLengthError, InvalidRequestError, JaxLLMError
 from jaxllm.kernels import reads_to_length
@@ -43,8 +43,9 @@ from jaxllm.tokenizer import Tokenizer
 
 @dataclasses.dataclass
 class _Dispatched:
-    """Device results of one step, with the sequence each row belonged to when it was dispatched."""
+    """Device results of one step's plan, with the sequence each row belonged to when it was dispatched."""
 
+    plan: Plan
     prefills: list[tuple[object, object, dict[int, Sequence]]]
     decode: tuple[object, object, dict[int, Sequence]] | None
     # tokens, (logprob info, prompt scores), row -> sequence, and the scored chunks (see `_scored_chunks`)
@@ -140,7 +141,6 @@ class Engine:
                 prompt_ids,
                 params,
                 (base + 7919 * i) % 2**32,
-                self.tokenizer,
                 self.cfg.eos_token_ids,
                 self.max_model_len,
             )
@@ -198,6 +198,11 @@ class Engine:
 
     def abort(self, request_id: str) -> list[Sequence]:
         return self.scheduler.abort(request_id)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Finish a sequence for a reason in its text (the output processor found a stop string) and free it;
+        its tokens still in flight are dropped when they arrive."""
+        self.scheduler.finish(seq, reason, stop_reason)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
@@ -263,8 +268,9 @@ class Engine:
         return len(jobs), time.perf_counter() - start
 
     # ---- stepping -------------------------------------------------------------------------------
-    def step(self) -> list[Update]:
-        """Dispatch the next plan, then read back and apply the previous step's tokens."""
+    def step(self) -> list[TokenOutput]:
+        """Dispatch the next plan, then read back the previous step's tokens and hand them to the scheduler;
+        returns what each sequence took (text is the output processor's)."""
         try:
             if self.runner.cache is None:
                 self.reserve(self.max_num_seqs, self.max_model_len)
@@ -286,7 +292,7 @@ class Engine:
         prefills = [(*self.runner.prefill(b), seqs) for b, seqs in zip(inputs.prefills, owners[0], strict=True)]
         decode = (*self.runner.decode(inputs.decode), owners[1]) if inputs.decode is not None else None
         mixed = (*self.runner.mixed(inputs.mixed), owners[2]) if inputs.mixed is not None else None
-        return _Dispatched(prefills, decode, mixed)
+        return _Dispatched(plan, prefills, decode, mixed)
 
     def step_inputs(self, plan: Plan) -> tuple[StepInputs, tuple]:
         """The plan as the runner's plain inputs, and which sequence each sampled row belongs to (of each
@@ -516,50 +522,46 @@ class Engine:
                 s.matcher.fill(masks[row])
         return masks
 
-    def _process(self, done: _Dispatched) -> list[Update]:
-        updates = []
+    def _process(self, done: _Dispatched) -> list[TokenOutput]:
+        """The device results of a dispatched plan, read back and given to `Scheduler.update`."""
+        sampled: dict[Sequence, Sampled] = {}
+        scores = None
         if done.mixed is not None:
-            toks, (info, scores), (seqs, scored) = done.mixed
+            toks, (info, prompt), (seqs, scored) = done.mixed
             if scored:
-                _record_prompt_logprobs(scored, tuple(np.asarray(x) for x in scores))
+                scores = _prompt_logprobs(scored, tuple(np.asarray(x) for x in prompt))
             info = None if info is None else tuple(np.asarray(x)[:, None] for x in info)
-            updates += self._apply(np.asarray(toks)[:, None], info, seqs)
+            sampled |= _sampled(np.asarray(toks)[:, None], info, seqs)
         for first, info, seqs in done.prefills:
             if seqs:
-                toks = np.asarray(first)[:, None]
                 info = None if info is None else tuple(np.asarray(x)[:, None] for x in info)
-                updates += self._apply(toks, info, seqs)
+                sampled |= _sampled(np.asarray(first)[:, None], info, seqs)
         if done.decode is not None:
             toks, info, seqs = done.decode
-            toks = np.asarray(toks).T  # [rows, steps]
             info = None if info is None else tuple(np.swapaxes(np.asarray(x), 0, 1) for x in info)
-            updates += self._apply(toks, info, seqs)
-        return updates
+            sampled |= _sampled(np.asarray(toks).T, info, seqs)  # [rows, steps]
+        return self.scheduler.update(done.plan, sampled, scores)
 
-    def _apply(self, toks: np.ndarray, info, seqs: dict[int, Sequence]) -> list[Update]:
-        """toks [rows, steps]; info arrays [rows, steps, ...]; seqs maps row -> sequence."""
-        updates = []
-        for row, s in seqs.items():
-            s.inflight -= toks.shape[1]
-            if s.finished:
-                continue
-            new, lps = [], []
-            for j in range(toks.shape[1]):
-                token, had = int(toks[row, j]), len(s.output_ids)
-                lp = _logprob(s, info, row, j, token)
-                s.append(token, lp)
-                if len(s.output_ids) > had:  # taken (max_tokens 0 takes none)
-                    new.append(token)
-                    lps += [lp] if lp is not None else []
-                if s.finished:
-                    break
-            if s.finished:
-                self.scheduler.release(s)
-            prompt_lps = None
-            if s.prompt_logprobs is not None and not s.prompt_logprobs_sent:
-                prompt_lps, s.prompt_logprobs_sent = s.prompt_logprobs, True
-            updates.append(Update(s, new, s.take_delta(), lps, s.finished, prompt_lps))
-        return updates
+
+def _sampled(toks: np.ndarray, info, seqs: dict[int, Sequence]) -> dict[Sequence, Sampled]:
+    """Each row's tokens and logprobs. toks [rows, steps]; info: (logprob, top ids, top logprobs) arrays
+    [rows, steps, ...] or None; seqs maps row -> sequence."""
+    out = {}
+    for row, s in seqs.items():
+        tokens = [int(t) for t in toks[row]]
+        lps = None
+        if s.params.logprobs is not None and info is not None:
+            k = s.params.logprobs
+            lps = [
+                TokenLogprob(
+                    t,
+                    float(info[0][row, j]),
+                    list(zip(info[1][row, j, :k].tolist(), info[2][row, j, :k].tolist(), strict=True)),
+                )
+                for j, t in enumerate(tokens)
+            ]
+        out[s] = Sampled(tokens, lps)
+    return out
 
 
 def _scores(s: Sequence, chunk) -> bool:
@@ -567,22 +569,16 @@ def _scores(s: Sequence, chunk) -> bool:
     return chunk is not None and s.prompt_logprobs is not None and chunk.start < len(s.prompt_ids) - 1
 
 
-def _record_prompt_logprobs(scored, scores) -> None:
-    """Fill each scored chunk's prompt logprobs from the step's (logprob [tokens], top ids, top logprobs):
-    the logits at position p score prompt token p + 1. A chunk computed again (after preemption) rewrites the
-    same values."""
+def _prompt_logprobs(scored, scores) -> dict[Sequence, dict[int, TokenLogprob]]:
+    """Each scored chunk's prompt logprobs by prompt position, from the step's (logprob [tokens], top ids, top
+    logprobs): the logits at position p score prompt token p + 1. A chunk computed again (after preemption)
+    gives the same values."""
     lps, top_ids, top_lps = scores
+    out: dict[Sequence, dict[int, TokenLogprob]] = defaultdict(dict)
     for s, at, c in scored:
         k = s.params.prompt_logprobs
         for p in range(c.start, min(c.end, len(s.prompt_ids) - 1)):
             j = at + p - c.start
             top = list(zip(top_ids[j, :k].tolist(), top_lps[j, :k].tolist(), strict=True))
-            s.prompt_logprobs[p + 1] = TokenLogprob(s.prompt_ids[p + 1], float(lps[j]), top)
-
-
-def _logprob(s: Sequence, info, row: int, j: int, token: int) -> TokenLogprob | None:
-    if s.params.logprobs is None or info is None:
-        return None
-    k = s.params.logprobs
-    top = list(zip(info[1][row, j, :k].tolist(), info[2][row, j, :k].tolist(), strict=True))
-    return TokenLogprob(token, float(info[0][row, j]), top)
+            out[s][p + 1] = TokenLogprob(s.prompt_ids[p + 1], float(lps[j]), top)
+    return out

@@ -31,7 +31,7 @@ import heapq
 import itertools
 
 from jaxllm.engine.kv_pages import PagePool, page_hashes
-from jaxllm.engine.sequence import Sequence
+from jaxllm.engine.sequence import Sampled, Sequence, TokenLogprob, TokenOutput
 from jaxllm.errors import QueueFullError
 
 
@@ -61,6 +61,11 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.prefills and not self.decodes
+
+    def sampling(self) -> list[tuple[Sequence, int]]:
+        """The sequences this step samples tokens for, with how many: one after a prompt's last chunk, and
+        `decode_steps` for each decode."""
+        return [(c.seq, 1) for c in self.prefills if c.last] + [(s, self.decode_steps) for s in self.decodes]
 
 
 class Scheduler:
@@ -129,6 +134,12 @@ class Scheduler:
             self.release(s)
         return hit
 
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Finish a sequence for a reason found outside the tokens (a stop string in its text) and free it."""
+        if not seq.finished:
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.release(seq)
+
     def release(self, seq: Sequence) -> None:
         """Give back a finished sequence's slot and pages."""
         if seq.slot is not None and self.running.get(seq.slot) is seq:
@@ -188,6 +199,41 @@ class Scheduler:
             s.inflight += steps
         self._to_register = [c.seq for c in prefills if c.seq.slot is not None]
         return Plan(prefills, decodes, steps)
+
+    def update(
+        self,
+        plan: Plan,
+        sampled: dict[Sequence, Sampled],
+        prompt_logprobs: dict[Sequence, dict[int, TokenLogprob]] | None = None,
+    ) -> list[TokenOutput]:
+        """Take back what the device computed for `plan`: the tokens sampled for each of its sampling sequences
+        (`Plan.sampling`), and the prompt logprobs its chunks computed (by prompt position). Tokens are taken
+        until a token condition finishes a sequence (the rest are dropped, as is everything for a sequence
+        finished meanwhile); finished sequences free their slot and pages. One output per sampled sequence
+        still running, its prompt logprobs handed out with its first token."""
+        for s, scores in (prompt_logprobs or {}).items():
+            for position, lp in scores.items():
+                s.prompt_logprobs[position] = lp
+        outputs = []
+        for s, steps in plan.sampling():
+            s.inflight -= steps
+            got = sampled.get(s)
+            if got is None or s.finished:
+                continue
+            taken, lps = [], []
+            for j, token in enumerate(got.tokens):
+                if s.append(token):
+                    taken.append(token)
+                    lps += [got.logprobs[j]] if got.logprobs is not None else []
+                if s.finished:
+                    break
+            if s.finished:
+                self.release(s)
+            prompt = None
+            if s.prompt_logprobs is not None and not s.prompt_logprobs_sent:
+                prompt, s.prompt_logprobs_sent = s.prompt_logprobs, True
+            outputs.append(TokenOutput(s, taken, lps, s.finished, prompt))
+        return outputs
 
     def _by_age(self, keep) -> list[Sequence]:
         return sorted((s for s in self.running.values() if keep(s)), key=lambda s: s.order)

@@ -1,36 +1,52 @@
-"""One sequence being generated: its tokens, text, logprobs and stop checks (host side, no JAX)."""
+"""One sequence being generated: its tokens and the stop conditions on them (host side, no JAX).
+
+Text (detokenization, stop strings, tool calls) is the output processor's (`output_processor.py`); the scheduler
+is the only one that changes a sequence once it is queued (`Scheduler.update`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 from jaxllm.sampling_params import SamplingParams
-from jaxllm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclasses.dataclass
 class TokenLogprob:
-    """The logprob of a chosen token and of the most likely alternatives at that step."""
+    """The logprob of a chosen token and of the most likely alternatives at that step. The texts of the tokens
+    (`token`, `top_tokens`, in `top`'s order) are filled in by the output processor."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    token: str | None = None
+    top_tokens: list[str] | None = None
 
 
 @dataclasses.dataclass
-class Update:
-    """What one step produced for one sequence."""
+class Sampled:
+    """What the device returned for one sequence of a plan: its sampled tokens in order, with their logprobs
+    when it asked for them."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclasses.dataclass
+class TokenOutput:
+    """What one step produced for one sequence, in tokens: those it took (a token after a stop condition is
+    not taken), their logprobs, and its prompt's logprobs once, with its first token. Whether and why it
+    finished is on the sequence (`finish_reason`, `stop_reason`)."""
 
     seq: Sequence
     token_ids: list[int]
-    text: str
     logprobs: list[TokenLogprob]
     finished: bool
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, with the first token after the prompt
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Sequence:
-    """A prompt and its growing output; decides when it is finished."""
+    """A prompt and its growing output in tokens; decides when a token condition finishes it."""
 
     def __init__(
         self,
@@ -39,14 +55,12 @@ class Sequence:
         prompt_ids: list[int],
         params: SamplingParams,
         seed: int,
-        tokenizer: Tokenizer,
         eos_ids: tuple[int, ...],
         max_len: int,
     ):
         self.request_id, self.index = request_id, index
         self.prompt_ids, self.params, self.seed = list(prompt_ids), params, seed
         self.output_ids: list[int] = []
-        self.logprobs: list[TokenLogprob] = []
         # With params.prompt_logprobs: each prompt token's logprob given the tokens before it (the first has none),
         # filled in as the prompt's chunks are computed, and handed out once, with the first sampled token.
         wanted = params.prompt_logprobs is not None
@@ -69,10 +83,6 @@ class Sequence:
         self.preemptions = 0
         self.max_len = max_len
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
-        self.text = ""
-        self._emitted = 0
-        self._hold = max((len(s) for s in params.stop), default=1) - 1
 
     @property
     def hash_salt(self) -> bytes:
@@ -103,49 +113,21 @@ class Sequence:
         """Tokens this sequence may still generate (by max_tokens and by the context)."""
         return min(self.params.max_tokens - len(self.output_ids), self.max_len - self.num_tokens)
 
-    def append(self, token: int, logprob: TokenLogprob | None) -> None:
-        """Take one sampled token; sets finish_reason when a stop condition is met."""
+    def append(self, token: int) -> bool:
+        """Take one sampled token unless finished (False then); sets finish_reason when a token condition is met:
+        a stop token (after min_tokens), a complete grammar, max_tokens or the context."""
         if self.finished:
-            return
+            return False
         if self.remaining() <= 0:  # max_tokens 0: the prompt was only scored
             self.finish_reason = "length"
-            return
+            return False
         self.output_ids.append(token)
-        if logprob is not None:
-            self.logprobs.append(logprob)
         if self.matcher is not None:
             self.matcher.accept(token)
         if token in self.stop_ids and len(self.output_ids) > self.params.min_tokens:
             self.finish_reason, self.stop_reason = "stop", token
-            self.text += self.detok.flush()
-            return
-        self.text += self.detok.add([token])
-        if self.params.stop and self._check_stop_strings():
-            return
-        if self.matcher is not None and self.matcher.done:  # the constraint is complete: nothing may follow
-            self.text += self.detok.flush()
+        elif self.matcher is not None and self.matcher.done:  # the constraint is complete: nothing may follow
             self.finish_reason = "stop"
-            return
-        if self.remaining() <= 0:
-            self.text += self.detok.flush()
-            self._check_stop_strings()
-            if not self.finished:
-                self.finish_reason = "length"
-
-    def _check_stop_strings(self) -> bool:
-        start = max(0, self._emitted - self._hold - 1)
-        hits = [(self.text.find(s, start), s) for s in self.params.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            return False
-        i, s = min(hits)
-        self.text = self.text[:i]
-        self.finish_reason, self.stop_reason = "stop", s
+        elif self.remaining() <= 0:
+            self.finish_reason = "length"
         return True
-
-    def take_delta(self) -> str:
-        """Text not yet handed out; while running, the tail that could start a stop string is held back."""
-        end = len(self.text) if self.finished else max(self._emitted, len(self.text) - self._hold)
-        delta = self.text[self._emitted : end]
-        self._emitted = end
-        return delta

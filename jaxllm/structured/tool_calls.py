@@ -22,6 +22,7 @@ import json
 import uuid
 
 FORMATS = ("hermes", "llama3", "mistral", "json")
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"  # the Hermes/Qwen tags
 
 
 @dataclasses.dataclass
@@ -48,7 +49,7 @@ def format_for(chat_template: str | None) -> str:
 def parse(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
     """(plain content, calls) of a complete output in format `fmt`."""
     if fmt == "hermes":
-        return _parse_tagged(text, "<tool_call>", "</tool_call>")
+        return _parse_tagged(text, _OPEN, _CLOSE)
     if fmt == "mistral":
         return _parse_mistral(text)
     body = text.strip()
@@ -145,27 +146,53 @@ def _loads(s: str):
 
 
 class ToolCallStream:
-    """Streaming the same parse: `feed(delta)` returns the plain content that is safe to show now; calls
-    come out of `finish()` with the rest of the content, once the output is complete. Content is held back
-    only from where a call may begin: a tag or marker (or a prefix of one at the end of the text so far),
-    or, for the JSON formats, an output that begins like JSON."""
+    """Streaming the same parse: `feed(delta)` returns the plain content that is safe to show now, and
+    `take_calls()` the calls complete so far (a tagged call as soon as its closing tag arrives, the content after
+    it streaming on); `finish()` gives the rest once the output is complete. Content is held back only from
+    where a call may begin: a tag or marker (or a prefix of one at the end of the text so far), or, for the JSON
+    formats, an output that begins like JSON. `count`: the calls found so far."""
 
     def __init__(self, fmt: str):
         self.fmt, self.text, self.shown = fmt, "", 0
+        self.count = 0
+        self._ready: list[ToolCall] = []
 
     def feed(self, delta: str) -> str:
         self.text += delta
+        out = self._closed_calls() if self.fmt == "hermes" else ""
         safe = self._safe_end()
-        out, self.shown = self.text[self.shown : safe], max(self.shown, safe)
+        out, self.shown = out + self.text[self.shown : safe], max(self.shown, safe)
         return out
 
+    def take_calls(self) -> list[ToolCall]:
+        """The calls completed since the last time, in order."""
+        calls, self._ready = self._ready, []
+        return calls
+
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """(content not yet shown, calls) for the complete output; with no calls, the rest of the text."""
+        """(content not yet shown, calls not yet taken) for the complete output."""
+        if self.fmt == "hermes":  # an unclosed call is plain content
+            rest, self.shown = self.text[self.shown :], len(self.text)
+            return rest, self.take_calls()
         content, calls = parse(self.text, self.fmt)
+        self.count += len(calls)
         if not calls:
             return self.text[self.shown :], []
         shown = self.text[: self.shown]
         return (content[len(shown) :] if content.startswith(shown) else ""), calls
+
+    def _closed_calls(self) -> str:
+        """Move past each tagged call closed since the last time: a valid one is taken out of the content, one
+        whose body is not a call stays content. Returns the content before and between them."""
+        out = []
+        while (at := self.text.find(_OPEN, self.shown)) >= 0 and (end := self.text.find(_CLOSE, at)) >= 0:
+            call, after = _call(_loads(self.text[at + len(_OPEN) : end])), end + len(_CLOSE)
+            out.append(self.text[self.shown : at] if call else self.text[self.shown : after])
+            if call:
+                self._ready.append(call)
+                self.count += 1
+            self.shown = after
+        return "".join(out)
 
     def _safe_end(self) -> int:
         t = self.text
@@ -173,7 +200,7 @@ class ToolCallStream:
             head = t.lstrip()
             starts_json = head[:1] in ("{", "[") or "<|python_tag|>".startswith(head[:14]) and head != ""
             return self.shown if starts_json or not head else len(t)
-        marker = "<tool_call>" if self.fmt == "hermes" else "[TOOL_CALLS]"
+        marker = _OPEN if self.fmt == "hermes" else "[TOOL_CALLS]"
         at = t.find(marker, self.shown)
         if at >= 0:
             return at

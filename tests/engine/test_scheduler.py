@@ -6,16 +6,9 @@ import pytest
 
 from jaxllm.engine.kv_pages import PagePool
 from jaxllm.engine.scheduler import Scheduler
-from jaxllm.engine.sequence import Sequence
+from jaxllm.engine.sequence import Sampled, Sequence
 from jaxllm.errors import QueueFullError
 from jaxllm.sampling_params import SamplingParams
-
-
-class _Tok:
-    """A tokenizer stand-in: the scheduler never decodes, sequences only need `decode`."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + i % 26) for i in ids)
 
 
 def seq(rid: str, prompt_len: int, max_tokens: int = 4) -> Sequence:
@@ -25,7 +18,6 @@ def seq(rid: str, prompt_len: int, max_tokens: int = 4) -> Sequence:
         list(range(1, prompt_len + 1)),
         SamplingParams(max_tokens=max_tokens, temperature=0),
         0,
-        _Tok(),
         (0,),
         1000,
     )
@@ -36,18 +28,9 @@ def make_sched(max_seqs: int, token_budget: int, pages: int = 1000, page_size: i
 
 
 def feed(sched: Scheduler, plan, token: int = 5):
-    """Play the model: every last prefill chunk and every decode returns `decode_steps` tokens."""
-    for c in plan.prefills:
-        if c.last:
-            c.seq.inflight -= 1
-            c.seq.append(token, None)
-    for s in plan.decodes:
-        s.inflight -= plan.decode_steps
-        for _ in range(plan.decode_steps):
-            s.append(token, None)
-    for s in list(sched.running.values()):
-        if s.finished:
-            sched.release(s)
+    """Play the model: every last prefill chunk samples one token and every decode `decode_steps`, handed back
+    through the scheduler's own update."""
+    return sched.update(plan, {s: Sampled([token] * steps) for s, steps in plan.sampling()})
 
 
 def test_fcfs_admission_into_free_slots():
@@ -319,3 +302,43 @@ def test_preemption_takes_pages_only_from_the_short_replica():
     assert b.preemptions >= 1 and a.preemptions == 0 and newest.preemptions == 0
     assert all(s.finish_reason == "length" for s in (a, b, newest)) and len(b.output_ids) == 5
     assert plans and [p.num_used for p in sched.pools] == [0, 0]
+
+
+def test_update_takes_tokens_until_a_stop_token_and_drops_the_rest():
+    sched = make_sched(max_seqs=2, token_budget=100, decode_steps=4)
+    s = seq("a", 5, max_tokens=20)
+    sched.add([s])
+    (out,) = feed(sched, sched.schedule(), token=7)
+    assert out.token_ids == [7] and not out.finished
+    plan = sched.schedule()
+    assert plan.decode_steps == 4 and s.inflight == 4
+    (out,) = sched.update(plan, {s: Sampled([8, 0, 9, 9])})  # 0 is the stop token
+    assert out.token_ids == [8, 0] and out.finished and s.finish_reason == "stop" and s.stop_reason == 0
+    assert s.inflight == 0 and s not in sched.running.values() and sched.num_free_slots == 2 and not sched.has_work()
+
+
+def test_update_drops_tokens_of_a_sequence_finished_meanwhile_and_counts_them_back():
+    sched = make_sched(max_seqs=2, token_budget=100, decode_steps=2)
+    a, b = seq("a", 5, max_tokens=10), seq("b", 5, max_tokens=10)
+    sched.add([a])
+    sched.add([b])
+    feed(sched, sched.schedule())
+    plan = sched.schedule()
+    sched.finish(a, "stop", "a stop string")
+    outs = sched.update(plan, {a: Sampled([3, 3]), b: Sampled([4, 4])})
+    assert [o.seq for o in outs] == [b] and a.inflight == 0 and a.output_ids == [5]
+    assert a.stop_reason == "a stop string" and sched.num_free_slots == 1
+
+
+def test_update_hands_out_prompt_logprobs_once_with_the_first_token():
+    from jaxllm.engine.sequence import TokenLogprob
+
+    sched = make_sched(max_seqs=1, token_budget=100)
+    s = Sequence("a", 0, [1, 2, 3], SamplingParams(max_tokens=2, prompt_logprobs=0), 0, (0,), 1000)
+    sched.add([s])
+    plan = sched.schedule()
+    scores = {s: {1: TokenLogprob(2, -1.0, []), 2: TokenLogprob(3, -2.0, [])}}
+    (out,) = sched.update(plan, {s: Sampled([5])}, scores)
+    assert [lp and lp.logprob for lp in out.prompt_logprobs] == [None, -1.0, -2.0]
+    (out,) = feed(sched, sched.schedule())
+    assert out.prompt_logprobs is None and out.finished and s.finish_reason == "length"

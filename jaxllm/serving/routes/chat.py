@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from jaxllm.errors import InvalidRequestError
+from jaxllm.outputs import CompletionOutput
 from jaxllm.serving.protocol import ChatCompletionRequest
 from jaxllm.serving.routes.common import (
     adapter_of,
@@ -21,16 +22,19 @@ from jaxllm.serving.routes.common import (
 )
 from jaxllm.serving.sse import DONE, event
 from jaxllm.structured import tool_choice
-from jaxllm.structured.tool_calls import ToolCallStream, format_for
-from jaxllm.structured.tool_calls import parse as parse_tool_calls
+from jaxllm.structured.tool_calls import format_for
 
 
-def _logprobs(tokenizer, lps) -> list[dict]:
-    def entry(tok_id, lp):
-        text = tokenizer.token_str(tok_id)
+def _logprobs(lps) -> list[dict]:
+    """OpenAI's chat logprobs entries of the tokens (named by the output processor)."""
+
+    def entry(text, lp):
         return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
-    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]
+    def top(lp):
+        return [entry(t, v) for t, (_, v) in zip(lp.top_tokens, lp.top, strict=True)]
+
+    return [{**entry(lp.token, lp.logprob), "top_logprobs": top(lp)} for lp in lps]
 
 
 async def chat_completions(request: Request):
@@ -56,57 +60,60 @@ async def chat_completions(request: Request):
         params = dataclasses.replace(params, grammar=tool_choice.call_grammar(fmt, must, req.parallel_tool_calls))
     tools = fmt if req.tools and req.tool_choice != "none" else None  # parse calls out of the output
     rid, created = request_id("chatcmpl"), int(time.time())
-    stream = tracked(state, state.engine.generate(ids, params, rid, adapter_of(state, req.model)), start)
+    gen = state.engine.generate(ids, params, rid, adapter_of(state, req.model), tools)
+    stream = tracked(state, gen, start)
     first, rest = await first_and_rest(stream)
     state.metrics.prompt_tokens.inc(len(ids))
     base = {"id": rid, "created": created, "model": req.model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _events(state, base, first, rest, len(ids), params.n, include_usage, req.logprobs, tools)
+        events = _events(state, base, first, rest, len(ids), include_usage, req.logprobs)
         return StreamingResponse(events, media_type="text/event-stream")
-    texts, tokens = [""] * params.n, [0] * params.n
-    lps, finish = [[] for _ in range(params.n)], [None] * params.n
-    outs = [first] if first is not None else []
-    async for out in rest:
-        outs.append(out)
+    choices = [CompletionOutput(i, "", [], None, logprobs=[]) for i in range(params.n)]
     cached = 0
-    for out in outs:
+    if first is not None:
+        choices[first.index].add(first)
+        cached = first.cached_tokens
+    async for out in rest:
+        choices[out.index].add(out)
         cached = max(cached, out.cached_tokens)
-        texts[out.index] += out.text
-        tokens[out.index] += len(out.token_ids)
-        lps[out.index] += out.logprobs
-        finish[out.index] = out.finish_reason or finish[out.index]
-    choices = []
-    for i in range(params.n):
-        message, reason = {"role": "assistant", "content": texts[i]}, finish[i]
-        if tools is not None:
-            content, calls = parse_tool_calls(texts[i], tools)
-            if calls:
-                message = {"role": "assistant", "content": content or None, "tool_calls": _calls(calls)}
-                reason = "tool_calls"
-        lp = {"content": _logprobs(llm.tokenizer, lps[i])} if req.logprobs else None
-        choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
+    body = {
+        **base,
+        "object": "chat.completion",
+        "choices": [_choice(c, req.logprobs) for c in choices],
+        "usage": usage(len(ids), sum(len(c.token_ids) for c in choices), cached),
+    }
     state.metrics.requests.labels("200").inc()
-    body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), sum(tokens), cached)}
     return JSONResponse(body)
 
 
-def _calls(calls, with_index: bool = False) -> list[dict]:
-    """OpenAI's tool_calls entries (with their index, for stream deltas)."""
+def _choice(c: CompletionOutput, logprobs: bool) -> dict:
+    message = {"role": "assistant", "content": c.text}
+    if c.tool_calls:
+        message = {"role": "assistant", "content": c.text or None, "tool_calls": _calls(c.tool_calls)}
+    lp = {"content": _logprobs(c.logprobs)} if logprobs else None
+    return {"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason}
+
+
+def _calls(calls, first_index: int | None = None) -> list[dict]:
+    """OpenAI's tool_calls entries; for stream deltas, numbered from `first_index` (the calls sent before)."""
     out = []
     for k, c in enumerate(calls):
         entry = {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        out.append({"index": k, **entry} if with_index else entry)
+        out.append(entry if first_index is None else {"index": first_index + k, **entry})
     return out
 
 
-async def _events(state, base, first, rest, prompt_len, n, include_usage, logprobs, tools=None):
-    """The stream's chunks; with `tools` (a tool-call format), content passes through a `ToolCallStream` and
-    the calls come as one delta each at the end, with finish_reason "tool_calls"."""
+async def _events(state, base, first, rest, prompt_len, include_usage, logprobs):
+    """The stream's chunks; with tools, each call comes as a tool-call delta as soon as
+    it is complete, content streaming around them, and the last chunk has finish_reason "tool_calls"."""
     chunk = {**base, "object": "chat.completion.chunk"}
     completion = cached = 0
     started = set()
-    streams: dict[int, ToolCallStream] = {}
+    calls_sent: dict[int, int] = {}
+
+    def choice(index, delta, lp=None, reason=None):
+        return event({**chunk, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}]})
 
     async def all_outputs():
         if first is not None:
@@ -118,40 +125,21 @@ async def _events(state, base, first, rest, prompt_len, n, include_usage, logpro
         async for out in all_outputs():
             if out.index not in started:
                 started.add(out.index)
-                delta = {"role": "assistant", "content": ""}
-                yield event(
-                    {
-                        **chunk,
-                        "choices": [{"index": out.index, "delta": delta, "logprobs": None, "finish_reason": None}],
-                    }
-                )
+                yield choice(out.index, {"role": "assistant", "content": ""})
             completion += len(out.token_ids)
             cached = max(cached, out.cached_tokens)
-            text, reason, calls = out.text, out.finish_reason, []
-            if tools is not None:
-                parser = streams.setdefault(out.index, ToolCallStream(tools))
-                text = parser.feed(text)
-                if reason is not None:
-                    tail, calls = parser.finish()
-                    text += tail
-                    reason = "tool_calls" if calls else reason
-            if text or reason or (logprobs and out.logprobs):
-                lp = {"content": _logprobs(state.llm.tokenizer, out.logprobs)} if logprobs else None
-                delta = {"content": text} if text else {}
-                if calls:
-                    yield event(
-                        {
-                            **chunk,
-                            "choices": [{"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": None}],
-                        }
-                    )
-                    delta, lp = {"tool_calls": _calls(calls, with_index=True)}, None
-                yield event(
-                    {
-                        **chunk,
-                        "choices": [{"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": reason}],
-                    }
+            lp = {"content": _logprobs(out.logprobs)} if logprobs else None
+            if out.text or (lp and out.logprobs) or (out.finish_reason and not out.tool_calls):
+                yield choice(
+                    out.index,
+                    {"content": out.text} if out.text else {},
+                    lp,
+                    None if out.tool_calls else out.finish_reason,
                 )
+            if out.tool_calls:
+                k = calls_sent.get(out.index, 0)
+                calls_sent[out.index] = k + len(out.tool_calls)
+                yield choice(out.index, {"tool_calls": _calls(out.tool_calls, first_index=k)}, None, out.finish_reason)
         if include_usage:
             yield event({**chunk, "choices": [], "usage": usage(prompt_len, completion, cached)})
         yield DONE

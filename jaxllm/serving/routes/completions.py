@@ -25,19 +25,15 @@ def _prompts(llm, prompt) -> list[list[int]]:
 
 
 def _logprobs(tokenizer, lps, offset: int, prompt: tuple[list[int], list] | None = None) -> dict:
-    """OpenAI's legacy logprobs object for generated tokens `lps` whose text starts at `offset`; with
-    `prompt` (its token ids and prompt logprobs: echo), the prompt's tokens come first from offset 0, the
-    first with a null logprob as nothing predicts it."""
-    ids = [lp.token_id for lp in lps]
-    chosen = [lp.logprob for lp in lps]
-    top = [{tokenizer.token_str(t): v for t, v in lp.top} for lp in lps]
+    """OpenAI's legacy logprobs object for generated tokens `lps` (named by the output processor) whose text
+    starts at `offset`; with `prompt` (its token ids and prompt logprobs: echo), the prompt's tokens come first
+    from offset 0, the first with a null logprob as nothing predicts it."""
+    entries = list(lps)
     if prompt is not None:
-        prompt_ids, plps = prompt
-        ids = list(prompt_ids) + ids
-        chosen = [lp.logprob if lp else None for lp in plps] + chosen
-        top = [{tokenizer.token_str(t): v for t, v in lp.top} if lp else None for lp in plps] + top
-        offset = 0
-    tokens = [tokenizer.token_str(t) for t in ids]
+        entries, offset = list(prompt[1]) + entries, 0
+    tokens = [lp.token if lp else tokenizer.token_str(prompt[0][0]) for lp in entries]
+    chosen = [lp.logprob if lp else None for lp in entries]
+    top = [dict(zip(lp.top_tokens, (v for _, v in lp.top), strict=True)) if lp else None for lp in entries]
     offsets = []
     for t in tokens:
         offsets.append(offset)
