@@ -85,6 +85,8 @@ class LLM:
     lora: LoRA adapters to serve, name -> a PEFT folder, an orbax checkpoint (`jaxllm.lora.save_adapter`) or
     an `Adapter`; requests name theirs (`generate(..., lora=name)`), and `add_lora` adds more at any time.
     max_loras, max_lora_rank: the adapter slots (adapters served at once) and the rank each module takes.
+    overlap_masks: a request under a grammar (json_schema, regex, tools...) decodes every step, its next
+    allowed tokens computed while the model runs (True, the default), or every other step (False).
     `weight_bytes` says how many bytes the weights take on the device(s).
     """
 
@@ -109,6 +111,7 @@ class LLM:
         tensor_parallel: int | None = None,
         data_parallel: int = 1,
         mixed_step: bool | None = None,
+        overlap_masks: bool = True,
         cluster: Cluster | None = None,
         progress: bool = True,
         loaded: LoadedModel | None = None,
@@ -152,6 +155,7 @@ class LLM:
             kv_cache_memory=kv_cache_memory,
             prefix_caching=prefix_caching,
             mixed_step=mixed_step,
+            overlap_masks=overlap_masks,
         )
         self.outputs = OutputProcessor(self.tokenizer)
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank

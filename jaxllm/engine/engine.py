@@ -50,6 +50,9 @@ class _Dispatched:
     decode: tuple[object, object, dict[int, Sequence]] | None
     # tokens, (logprob info, prompt scores), row -> sequence, and the scored chunks (see `_scored_chunks`)
     mixed: tuple[object, object, dict[int, Sequence], list] | None = None
+    # A call dispatched as far as its logits, to be sampled once its bitmasks are known: (kind, batch, row ->
+    # sequence, owners); None once sampled (see `Engine._sample_late`).
+    late: tuple | None = None
 
 
 DEFAULT_CPU_KV_GIB = 4.0  # KV cache budget on the CPU when none is given
@@ -63,6 +66,9 @@ class Engine:
     the free device memory on accelerators, 4 GiB on the CPU), allocated on first use no larger than
     the work in sight needs. `prefix_caching` reuses cached pages of shared prompt prefixes. `mixed_step`
     (None: where the attention suits it) runs a step's prefill chunks and decodes as one model call.
+    `overlap_masks`: a sequence under a grammar decodes every step, its next bitmask computed from the token
+    read back while the model runs (the step's model and its sampling are then two dispatches); otherwise it
+    waits for its token and decodes every other step.
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class Engine:
         kv_cache_memory: float | None = None,
         prefix_caching: bool = True,
         mixed_step: bool | None = None,
+        overlap_masks: bool = True,
     ):
         self.runner, self.tokenizer = runner, tokenizer
         self.cfg = runner.cfg
@@ -97,7 +104,9 @@ class Engine:
                 f"the KV cache budget holds {self.max_pages // self.replicas * page_size} tokens{per}, fewer than "
                 f"one sequence of max_model_len={max_model_len}: raise kv_cache_memory or lower max_model_len"
             )
-        self.scheduler = Scheduler(0, token_budget, max_waiting, runner.decode_steps, mixed=self.mixed_step)
+        self.scheduler = Scheduler(
+            0, token_budget, max_waiting, runner.decode_steps, mixed=self.mixed_step, overlap_masks=overlap_masks
+        )
         self.surface = self._surface()
         self.grammars = GrammarCompiler(tokenizer, self.cfg.vocab_size, self.cfg.eos_token_ids)
         self.prefilled_tokens = 0  # prompt tokens computed so far (for tests and metrics)
@@ -251,21 +260,30 @@ class Engine:
             fixed_decode_context=reads_to_length(ragged=False),
         )
 
-    def warmup(self, progress: bool = False) -> tuple[int, float]:
-        """Compile every shape of the surface (the mixed steps when `mixed_step`, and the decode dispatches)
-        ahead of time, without running them; the persistent compilation cache, when on, keeps them for the
-        next start. Returns (shapes compiled, seconds)."""
+    def warmup(self, progress: bool = False, grammar: bool = True) -> tuple[int, float]:
+        """Compile every shape of the surface (the mixed steps when `mixed_step`, the decode dispatches, and with
+        `grammar` the steps of rows under a grammar) ahead of time, without running them; the persistent
+        compilation cache, when on, keeps them for the next start. Returns (shapes compiled, seconds)."""
         start = time.perf_counter()
         if self.runner.cache is None:
             self.reserve(self.max_num_seqs, self.max_model_len)
         surface = self.surface
-        jobs = [("decode", self._decode_batch(shape, {})) for shape in surface.decode_shapes()]
-        if self.mixed_step:
-            idle = [[] for _ in range(self.replicas)]
-            jobs = [("mixed", self._mixed_batch(shape, idle)[0]) for shape in surface.mixed_shapes()] + jobs
-        for kind, batch in tqdm(jobs, desc="Compiling steps", unit="shape", disable=not progress):
-            self.runner.compile(kind, batch)
-        return len(jobs), time.perf_counter() - start
+        idle = [[] for _ in range(self.replicas)]
+        batch_of = lambda shape: (
+            ("decode", self._decode_batch(shape, {}))
+            if isinstance(shape, DecodeShape)
+            else ("mixed", self._mixed_batch(shape, idle)[0])
+        )
+        shapes = (surface.mixed_shapes() if self.mixed_step else []) + surface.decode_shapes()
+        if grammar and self.scheduler.overlap_masks:
+            shapes += surface.grammar_shapes()
+        for shape in tqdm(shapes, desc="Compiling steps", unit="shape", disable=not progress):
+            kind, batch = batch_of(shape)
+            if shape.grammar:
+                self.runner.compile_halves(kind, batch)
+            else:
+                self.runner.compile(kind, batch)
+        return len(shapes), time.perf_counter() - start
 
     # ---- stepping -------------------------------------------------------------------------------
     def step(self) -> list[TokenOutput]:
@@ -275,8 +293,11 @@ class Engine:
             if self.runner.cache is None:
                 self.reserve(self.max_num_seqs, self.max_model_len)
             plan = self.scheduler.schedule()
-            current = self._dispatch(plan) if not plan.empty else None
+            late = self._late_masks(plan)
+            current = self._dispatch(plan, late) if not plan.empty else None
             updates = self._process(self._inflight) if self._inflight is not None else []
+            if late:
+                self._sample_late(current)
         except Exception as e:
             if self.runner.channel is not None and not isinstance(e, JaxLLMError):
                 raise peer_failure(e) from e  # one process of a group is gone: its collectives fail
@@ -284,22 +305,53 @@ class Engine:
         self._inflight = current
         return updates
 
-    def _dispatch(self, plan: Plan) -> _Dispatched:
-        inputs, owners = self.step_inputs(plan)
+    def _late_masks(self, plan: Plan) -> bool:
+        """Whether the plan's decode or mixed call samples rows under a grammar with `overlap_masks`: it then
+        runs as a model half and a sampling half, the bitmasks computed in between, once the tokens in flight
+        are read (a constrained sequence may decode while its last token is one of them)."""
+        if not self.scheduler.overlap_masks:
+            return False
+        joined = [c.seq for c in plan.prefills if c.last] if self.mixed_step else []
+        return any(s.matcher is not None for s in [*plan.decodes, *joined])
+
+    def _dispatch(self, plan: Plan, late: bool = False) -> _Dispatched:
+        """Dispatch the plan's calls; with `late`, the decode or mixed call only as far as its logits (its
+        sampling follows in `_sample_late`)."""
+        inputs, owners = self.step_inputs(plan, late)
         self.prefilled_tokens += sum(c.end - c.start for c in plan.prefills)
         if self.on_step is not None:
             self.on_step(inputs)
         prefills = [(*self.runner.prefill(b), seqs) for b, seqs in zip(inputs.prefills, owners[0], strict=True)]
-        decode = (*self.runner.decode(inputs.decode), owners[1]) if inputs.decode is not None else None
-        mixed = (*self.runner.mixed(inputs.mixed), owners[2]) if inputs.mixed is not None else None
-        return _Dispatched(plan, prefills, decode, mixed)
+        done = _Dispatched(plan, prefills, None, None)
+        if late:
+            kind, batch = ("mixed", inputs.mixed) if inputs.mixed is not None else ("decode", inputs.decode)
+            self.runner.forward_half(kind, batch)
+            done.late = (kind, batch, owners[2][0] if kind == "mixed" else owners[1], owners[2])
+            return done
+        done.decode = (*self.runner.decode(inputs.decode), owners[1]) if inputs.decode is not None else None
+        done.mixed = (*self.runner.mixed(inputs.mixed), owners[2]) if inputs.mixed is not None else None
+        return done
 
-    def step_inputs(self, plan: Plan) -> tuple[StepInputs, tuple]:
+    def _sample_late(self, done: _Dispatched) -> None:
+        """Sample the late call of `done` with the bitmasks of its rows now that their matchers have taken the
+        tokens read meanwhile."""
+        kind, batch, rows, owners = done.late
+        masks = self._allowed_tokens([rows.get(i) for i in range(batch.params.bitmask.shape[0])])
+        batch = dataclasses.replace(batch, params=dataclasses.replace(batch.params, bitmask=masks))
+        result = self.runner.sample_half(kind, batch)
+        if kind == "mixed":
+            done.mixed = (*result, owners)
+        else:
+            done.decode = (*result, rows)
+        done.late = None
+
+    def step_inputs(self, plan: Plan, late: bool = False) -> tuple[StepInputs, tuple]:
         """The plan as the runner's plain inputs, and which sequence each sampled row belongs to (of each
-        prefill call, of the decode, of the mixed step). With `mixed_step`, a plan holding prefill chunks
+        prefill call, of the decode, of the mixed step); `late`: the decode or mixed call's bitmasks left for
+        later (see `_sample_late`). With `mixed_step`, a plan holding prefill chunks
         runs as one mixed step with its decodes; a plan of decodes alone runs as a (multi-step) decode."""
         if self.mixed_step and plan.prefills:
-            batch, owners = self._mixed(plan)
+            batch, owners = self._mixed(plan, late)
             return StepInputs([], None, batch), ([], {}, owners)
         per_replica = lambda: [[] for _ in range(self.replicas)]
         groups: dict[tuple[int, int], list[list[PrefillChunk]]] = defaultdict(per_replica)
@@ -316,7 +368,7 @@ class Engine:
                 placed = [(r * rows + j, c) for r, part in enumerate(parts) for j, c in enumerate(part)]
                 prefills.append(self._prefill(placed, rows * self.replicas, length, ctx))
                 prefill_owners.append({row: c.seq for row, c in placed if c.last})
-        decode, decode_owners = (self._decode(plan.decodes, plan.decode_steps)) if plan.decodes else (None, {})
+        decode, decode_owners = (self._decode(plan.decodes, plan.decode_steps, late)) if plan.decodes else (None, {})
         return StepInputs(prefills, decode), (prefill_owners, decode_owners, {})
 
     def _block_tables(self, seqs, rows: int, tokens: int) -> np.ndarray:
@@ -357,7 +409,7 @@ class Engine:
                 bias[i, tok] = b
         plist = [c.seq.params if c else None for c in by_row]
         seeds = [c.seq.seed if c else 0 for c in by_row]
-        masks = self._allowed_tokens([c.seq if c else None for c in by_row])
+        masks = self._allowed_tokens([c.seq if c and c.last else None for c in by_row])
         longest = max(ctx, max(c.start for _, c in placed)) + length
         table = self._block_tables([c.seq if c else None for c in by_row], rows, longest)
         batch = PrefillBatch(
@@ -378,15 +430,15 @@ class Engine:
         )
         return batch
 
-    def _decode(self, seqs: list[Sequence], steps: int) -> tuple[DecodeBatch, dict[int, Sequence]]:
+    def _decode(self, seqs: list[Sequence], steps: int, late: bool = False) -> tuple[DecodeBatch, dict[int, Sequence]]:
         """The decode dispatch: the first R slots of each replica (R covering its highest busy slot), replica by
-        replica, so row r * R + i is slot r * slots_per_replica + i."""
+        replica, so row r * R + i is slot r * slots_per_replica + i; `late`: as a grammar shape (two halves)."""
         per = self.runner.slots_per_replica
         r_rows = self.surface.rows(max(s.slot % per for s in seqs) + 1)
         by_row = {s.slot // per * r_rows + s.slot % per: s for s in seqs}
         longest = max(s.num_tokens + s.inflight for s in seqs)
         every = two_variants([s.params for s in seqs]) != SamplerFlags()
-        shape = DecodeShape(r_rows * self.replicas, self.surface.context(longest, decode=True), steps, every)
+        shape = DecodeShape(r_rows * self.replicas, self.surface.context(longest, decode=True), steps, every, late)
         return self._decode_batch(shape, by_row), by_row
 
     def _decode_batch(self, shape: DecodeShape, by_row: dict[int, Sequence]) -> DecodeBatch:
@@ -396,7 +448,7 @@ class Engine:
         seeds = [s.seed if s else 0 for s in plist]
         active = np.array([s is not None for s in plist])
         table = self._block_tables(plist, shape.rows, shape.context)
-        masks = self._allowed_tokens(plist)
+        masks = self._allowed_tokens(plist, shape.grammar)
         flags = SamplerFlags.every() if shape.every else SamplerFlags()
         flags = dataclasses.replace(flags, grammar=masks is not None)
         return DecodeBatch(
@@ -409,7 +461,7 @@ class Engine:
             flags,
         )
 
-    def _mixed(self, plan: Plan) -> tuple[MixedBatch, tuple[dict, list]]:
+    def _mixed(self, plan: Plan, late: bool = False) -> tuple[MixedBatch, tuple[dict, list]]:
         """The plan's decodes (one step each) and prefill chunks as one flat run of tokens, replica by replica:
         in each, decodes first, one token each, then each chunk's tokens; padded to a shape of the surface."""
         assert plan.decode_steps == 1 or not plan.decodes, "a mixed step decodes one token per sequence"
@@ -427,7 +479,7 @@ class Engine:
         shape = MixedShape(surface.tokens(busiest), seqs, surface.context(longest), every)
         if any(_scores(s, c) for group in groups for s, c in group):
             shape = surface.scoring_shape(shape.tokens, shape.context)
-        return self._mixed_batch(shape, groups)
+        return self._mixed_batch(dataclasses.replace(shape, grammar=late), groups)
 
     def _mixed_batch(self, shape: MixedShape, groups: list[list]) -> tuple[MixedBatch, tuple[dict, list]]:
         """A mixed step of this shape over each replica's entries ((sequence, None) for a decode, (sequence,
@@ -502,7 +554,7 @@ class Engine:
                 [s.seed if s else 0 for s in seqs],
                 n,
                 [s.lora if s else NO_ADAPTER for s in seqs],
-                masks := self._allowed_tokens(seqs),
+                masks := self._allowed_tokens([s if sample[i] else None for i, s in enumerate(seqs)], shape.grammar),
             ),
             bias,
             targets,
@@ -511,13 +563,14 @@ class Engine:
         )
         return batch, (owners, scored)
 
-    def _allowed_tokens(self, seqs) -> np.ndarray | None:
+    def _allowed_tokens(self, seqs, late: bool = False) -> np.ndarray | None:
         """The bitmask [rows, words] of the tokens each row may take next (every bit set for free rows and
-        padding), or None when no row is constrained (the batch then compiles and runs as a free one)."""
-        if not any(s is not None and s.matcher is not None for s in seqs):
+        padding), or None when no row is constrained (the batch then compiles and runs as a free one). `late`:
+        every bit set, a placeholder of its shape (the real masks come once the rows' last tokens are read)."""
+        if not late and not any(s is not None and s.matcher is not None for s in seqs):
             return None
         masks = np.full((len(seqs), (self.cfg.vocab_size + 31) // 32), -1, np.int32)
-        for row, s in enumerate(seqs):
+        for row, s in enumerate(seqs if not late else ()):
             if s is not None and s.matcher is not None:
                 s.matcher.fill(masks[row])
         return masks

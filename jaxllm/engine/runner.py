@@ -221,6 +221,12 @@ class ModelRunner:
         self.slots = slots
         self._prefill, self._decode = self._jit(self._prefill_fn), self._jit(self._decode_fn)
         self._mixed = self._jit(self._mixed_fn)
+        self._halves = {
+            "decode": (self._jit_forward(self._decode_forward_fn, 1), self._jit_sample(self._decode_sample_fn)),
+            "mixed": (self._jit_forward(self._mixed_forward_half, 2), self._jit_sample(self._mixed_sample_half)),
+        }
+        self._logits = None  # the first half's logits, until the second half samples from them
+        self._model_halves: dict = {}  # model halves compiled ahead of time: their logits' shape, by model shape
 
     def _jit(self, step):
         """A step jitted with the cache and state donated; under a placement with explicit out shardings: the
@@ -233,6 +239,23 @@ class ModelRunner:
         return jax.jit(
             step, donate_argnums=(1, 2), out_shardings=(keep(self.cache), keep(self.state), everywhere, everywhere)
         )
+
+    def _jit_forward(self, half, outputs: int):
+        """The first half of a step (the model: cache donated) jitted; its other `outputs` (logits, scores) are
+        whole on every device."""
+        if self.placement is None:
+            return jax.jit(half, donate_argnums=(1,))
+        cache = jax.tree.map(lambda a: a.sharding, self.cache)
+        everywhere = self.placement.replicated()
+        return jax.jit(half, donate_argnums=(1,), out_shardings=(cache, *[everywhere] * outputs))
+
+    def _jit_sample(self, half):
+        """The second half of a step (sampling: the state donated) jitted like `_jit`."""
+        if self.placement is None:
+            return jax.jit(half, donate_argnums=(0,))
+        state = jax.tree.map(lambda a: a.sharding, self.state)
+        everywhere = self.placement.replicated()
+        return jax.jit(half, donate_argnums=(0,), out_shardings=(state, everywhere, everywhere))
 
     def use_lora(self, slots: LoraSlots) -> None:
         """Serve LoRA adapters from `slots`: each row's `RowParams.lora` picks its slot. The steps compile once
@@ -308,17 +331,76 @@ class ModelRunner:
             )
         return toks, info
 
+    def forward_half(self, kind: str, batch) -> None:
+        """Dispatch the model of a one-step 'decode' or 'mixed' batch without sampling: its logits stay on the
+        device until `sample_half` samples from them, with the batch's row params then (the host fills in the
+        grammar bitmasks meanwhile, from tokens it reads back while the model runs)."""
+        if self.channel is not None:
+            self.channel.send("forward_half", kind, batch)
+        with placed(self.placement):
+            self.cache, *self._logits = self._halves[kind][0](
+                self._inputs(), self.cache, self.state, _model_only(batch)
+            )
+
+    def sample_half(self, kind: str, batch):
+        """Sample from the logits `forward_half` left, for the same batch with its final row params; returns
+        what `decode` or `mixed` would have (device arrays, not waited for)."""
+        if self.channel is not None:
+            self.channel.send("sample_half", kind, batch)
+        logits, *scores = self._logits
+        self._logits = None
+        with placed(self.placement):
+            self.state, toks, info = self._halves[kind][1](self.state, logits, batch, self.stop_mask)
+        return (toks, (info, scores[0])) if kind == "mixed" else (toks, info)
+
+    def compile_halves(self, kind: str, batch) -> None:
+        """Compile both halves of a one-step 'decode' or 'mixed' batch ahead of time (see `compile`); the model
+        half once per model shape (batches differing only in their sampler share it)."""
+        if self.channel is not None:
+            self.channel.send("compile_halves", kind, batch)
+        model, sample = self._halves[kind]
+        inputs = _model_only(batch)
+        leaves, tree = jax.tree_util.tree_flatten(inputs)
+        key = (kind, str(tree), tuple((x.shape, str(x.dtype)) for x in leaves))
+        with placed(self.placement):
+            if key not in self._model_halves:
+                lowered = model.lower(self._inputs(), self.cache, self.state, inputs)
+                lowered.compile()
+                spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+                self._model_halves[key] = jax.tree.map(spec, lowered.out_info[1])
+            sample.lower(self.state, self._model_halves[key], batch, self.stop_mask).compile()
+
     def _mixed_fn(self, params, cache, state, batch: MixedBatch, stop_mask):
         self.compiles["mixed"] += 1
+        cache, logits, scores = self._mixed_forward_fn(params, cache, state, batch)
+        state, tok, info = self._mixed_sample_fn(state, logits, batch, stop_mask)
+        return cache, state, tok, (info, scores)
+
+    def _mixed_forward_half(self, params, cache, state, batch: MixedBatch):
+        self.compiles["mixed_forward"] += 1
+        return self._mixed_forward_fn(params, cache, state, batch)
+
+    def _mixed_sample_half(self, state, logits, batch: MixedBatch, stop_mask):
+        self.compiles["mixed_sample"] += 1
+        return self._mixed_sample_fn(state, logits, batch, stop_mask)
+
+    def _mixed_run(self, state, batch: MixedBatch):
+        """Per sequence: its slot (clipped); per token: its sequence (clipped), whether it is real and a decode,
+        its token and position; per sequence: its cached length. A decode feeds the token its slot sampled last,
+        at the slot's position (the host has not read them)."""
         n_seqs = batch.slots.shape[0]
         slot = jnp.minimum(batch.slots, self.slots - 1)
         seq = jnp.clip(batch.seq_ids, 0, n_seqs - 1)
         real = batch.seq_ids < n_seqs
-        # A decode feeds the token its slot sampled last, at the slot's position (the host has not read them).
         decode = batch.decoding[seq] & real
         tokens = jnp.where(decode, state.tokens[slot[seq]], batch.tokens)
         positions = jnp.where(decode, state.positions[slot[seq]], batch.positions)
         ctx_lens = jnp.where(batch.decoding, state.positions[slot], batch.ctx_lens)
+        return slot, seq, real, decode, tokens, positions, ctx_lens
+
+    def _mixed_forward_fn(self, params, cache, state, batch: MixedBatch):
+        """The model over the run: (cache, logits [seqs, V] at each sequence's last token, scores)."""
+        slot, seq, real, decode, tokens, positions, ctx_lens = self._mixed_run(state, batch)
         ragged = Ragged(batch.q_starts, batch.q_lens, batch.seq_ids, batch.tokens.shape[0])
         last = jnp.maximum(batch.q_starts + batch.q_lens - 1, 0)
         scoring = batch.targets.shape[0] > 0  # the scoring variant: logits of every token, not only the last ones
@@ -336,7 +418,13 @@ class ModelRunner:
             lora_ids=jnp.where(real, batch.params.lora[seq], NO_ADAPTER)[None],
         )
         scores = token_logprobs(logits, batch.targets) if scoring else None
-        logits = logits[last] if scoring else logits
+        return cache, (logits[last] if scoring else logits), scores
+
+    def _mixed_sample_fn(self, state, logits, batch: MixedBatch, stop_mask):
+        """A token for each sequence due one from its logits [seqs, V] (the bitmask applied here), and the
+        decode state advanced: (state, tokens [seqs], logprob info)."""
+        n_seqs = batch.slots.shape[0]
+        slot, seq, real, decode, tokens, positions, ctx_lens = self._mixed_run(state, batch)
         vocab = logits.shape[-1]
         steps = jnp.where(batch.decoding, state.steps[slot], batch.out_steps)
         to = jnp.where(batch.slots < self.slots, batch.slots, self.slots)  # padding sequences write nowhere
@@ -390,7 +478,7 @@ class ModelRunner:
             steps=put(state.steps, steps + 1, due),
             **kept,
         )
-        return cache, state, tok, (info, scores)
+        return state, tok, info
 
     def _prefill_fn(self, params, cache, state, batch: PrefillBatch, stop_mask):
         self.compiles["prefill"] += 1
@@ -450,47 +538,72 @@ class ModelRunner:
 
     def _decode_fn(self, params, cache, state, batch: DecodeBatch, stop_mask):
         self.compiles["decode"] += 1
-        rp, active, block_tables = batch.params, batch.active, batch.block_tables
-        flags, rows, attn_len, n_steps = batch.flags, batch.rows, batch.attn_len, batch.n_steps
-        st = jax.tree.map(lambda x: self._take_rows(x, rows), state)
+        st = jax.tree.map(lambda x: self._take_rows(x, batch.rows), state)
 
         def step(carry, _):
             cache, st = carry
-            logits, cache = forward(
-                self.model,
-                params,
-                st.tokens[:, None],
-                st.positions[:, None],
-                cache,
-                block_tables,
-                st.positions,
-                attn_len,
-                lora_ids=rp.lora[:, None],
-            )
-            tok, info = sample(
-                logits[:, 0],
-                rp,
-                st.steps,
-                flags,
-                prompt_mask=st.prompt_mask,
-                counts=st.counts,
-                bias=st.bias,
-                stop_mask=stop_mask,
-            )
-            inc = active.astype(jnp.int32)
-            counts = st.counts.at[jnp.arange(rows), tok].add(inc) if flags.penalties else st.counts
-            st = dataclasses.replace(
-                st,
-                tokens=jnp.where(active, tok, st.tokens),
-                positions=st.positions + inc,
-                steps=st.steps + inc,
-                counts=counts,
-            )
+            logits, cache = self._decode_logits(params, cache, st, batch)
+            st, tok, info = self._decode_advance(st, logits, batch, stop_mask)
             return (cache, st), (tok, info)
 
-        (cache, st), (toks, info) = jax.lax.scan(step, (cache, st), None, length=n_steps)
+        (cache, st), (toks, info) = jax.lax.scan(step, (cache, st), None, length=batch.n_steps)
         state = jax.tree.map(self._put_rows, state, st)
         return cache, state, toks, info
+
+    def _decode_logits(self, params, cache, st, batch: DecodeBatch):
+        """One decode step's logits [rows, V] for the decode rows' state `st`, and the cache with their keys
+        and values written."""
+        logits, cache = forward(
+            self.model,
+            params,
+            st.tokens[:, None],
+            st.positions[:, None],
+            cache,
+            batch.block_tables,
+            st.positions,
+            batch.attn_len,
+            lora_ids=batch.params.lora[:, None],
+        )
+        return logits[:, 0], cache
+
+    def _decode_advance(self, st, logits, batch: DecodeBatch, stop_mask):
+        """Sample each row's token from its logits [rows, V] and advance the active rows' state."""
+        rp, active, flags, rows = batch.params, batch.active, batch.flags, batch.rows
+        tok, info = sample(
+            logits,
+            rp,
+            st.steps,
+            flags,
+            prompt_mask=st.prompt_mask,
+            counts=st.counts,
+            bias=st.bias,
+            stop_mask=stop_mask,
+        )
+        inc = active.astype(jnp.int32)
+        counts = st.counts.at[jnp.arange(rows), tok].add(inc) if flags.penalties else st.counts
+        st = dataclasses.replace(
+            st,
+            tokens=jnp.where(active, tok, st.tokens),
+            positions=st.positions + inc,
+            steps=st.steps + inc,
+            counts=counts,
+        )
+        return st, tok, info
+
+    def _decode_forward_fn(self, params, cache, state, batch: DecodeBatch):
+        """The first half of a one-step decode: (cache, logits [rows, V]); the state is left as it is."""
+        self.compiles["decode_forward"] += 1
+        st = jax.tree.map(lambda x: self._take_rows(x, batch.rows), state)
+        logits, cache = self._decode_logits(params, cache, st, batch)
+        return cache, logits
+
+    def _decode_sample_fn(self, state, logits, batch: DecodeBatch, stop_mask):
+        """The second half: (state, tokens [1, rows], logprob info [1, rows, ...]) as `_decode_fn` gives them."""
+        self.compiles["decode_sample"] += 1
+        st = jax.tree.map(lambda x: self._take_rows(x, batch.rows), state)
+        st, tok, info = self._decode_advance(st, logits, batch, stop_mask)
+        state = jax.tree.map(self._put_rows, state, st)
+        return state, tok[None], jax.tree.map(lambda x: x[None], info)
 
     def _read_slots(self, state, slots):
         """state [slots, ...] read at each row's slot of its replica: rows [rows] grouped by replica -> [rows, ...].
@@ -517,6 +630,17 @@ class ModelRunner:
         dp, rest = self.data_parallel, full.shape[1:]
         grouped = full.reshape(dp, self.slots_per_replica, *rest)
         return grouped.at[:, : part.shape[0] // dp].set(part.reshape(dp, -1, *rest)).reshape(full.shape)
+
+
+def _model_only(batch):
+    """The batch as the model half sees it: what only sampling reads (sampler variant, bitmask, penalty inputs)
+    emptied, so that one compiled model half serves every sampler variant of a shape."""
+    params = dataclasses.replace(batch.params, bitmask=np.zeros((batch.params.bitmask.shape[0], 0), np.int32))
+    batch = dataclasses.replace(batch, params=params, flags=SamplerFlags())
+    if isinstance(batch, MixedBatch):
+        empty = lambda x: np.zeros((x.shape[0], 0), x.dtype)
+        batch = dataclasses.replace(batch, prior=empty(batch.prior), bias=empty(batch.bias))
+    return batch
 
 
 def row_params(plist, seeds, rows: int, adapters=(), bitmask: np.ndarray | None = None) -> RowParams:

@@ -72,7 +72,8 @@ class Scheduler:
     """FCFS admission into `max_seqs` slots and the pool's pages, chunked prefill under `token_budget`,
     decode of the rest, preemption of the newest when pages run out. `pool`: one PagePool, or a list of one
     per data-parallel replica (then the replicas share the slots evenly). `mixed`: decodes and chunks run as
-    one step (see the module docstring)."""
+    one step (see the module docstring). `overlap_masks`: a constrained sequence may be planned while its last
+    token is in flight (the engine then samples it only once that token is read)."""
 
     def __init__(
         self,
@@ -82,9 +83,10 @@ class Scheduler:
         decode_steps: int = 1,
         pool: PagePool | list[PagePool] | None = None,
         mixed: bool = False,
+        overlap_masks: bool = False,
     ):
         self.token_budget, self.max_waiting, self.decode_steps = token_budget, max_waiting, decode_steps
-        self.mixed = mixed
+        self.mixed, self.overlap_masks = mixed, overlap_masks
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}
         self.preemptions = 0
@@ -168,9 +170,11 @@ class Scheduler:
         # runs them all (pages are grown for that before knowing whether chunks join).
         steps = self.decode_steps if self.mixed or not busy else 1
         decodes = []
-        # A constrained sequence's next allowed tokens follow from its last token: it waits for that one to be
-        # read, and takes one step at a time.
-        ready = lambda s: s.prefilled and not s.finished and s.wants_more() and not (s.matcher and s.inflight)
+        # A constrained sequence's next allowed tokens follow from its last token, and it takes one step at a time.
+        # Its last token must be read before this step samples: either it waits for it (one step in two), or,
+        # with `overlap_masks`, the engine reads it while this step's model runs and samples after.
+        lag = 1 if self.overlap_masks else 0
+        ready = lambda s: s.prefilled and not s.finished and s.wants_more() and not (s.matcher and s.inflight > lag)
         for s in self._by_age(ready):
             # This step writes positions up to num_tokens + inflight + steps - 2, of which those past
             # the sequence's last token are never read: no pages for them (their writes are dropped).

@@ -12,7 +12,10 @@ them before serving. The configuration bounds the set:
   sized for the busiest one;
 - decode dispatches: rows (powers of two up to the slots) × steps × the sampler variant. With the mixed
   step, a dispatch of decodes alone always runs `decode_steps` (prompts join through mixed steps); with
-  separate prefill calls, 1 while prompts wait.
+  separate prefill calls, 1 while prompts wait;
+- steps with rows under a grammar (`grammar_shapes`): each mixed shape, and each decode row count at one
+  step, as a model half (compiled once per model shape: the sampler variant does not change it) and a
+  sampling half that applies the bitmask (small: no model).
 
 The attended context is one static width (the whole `max_model_len`) when the attention kernel reads each
 sequence only up to its length, so the width costs nothing; otherwise it is bucketed too (powers of two
@@ -41,6 +44,7 @@ class MixedShape:
     context: int
     every: bool
     scoring: bool = False
+    grammar: bool = False  # rows under a grammar: run as a model half and a sampling half (bitmask applied)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,7 @@ class DecodeShape:
     context: int
     steps: int
     every: bool
+    grammar: bool = False  # as in MixedShape (one step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,3 +159,17 @@ class Surface:
             for s in steps
             for every in (False, True)
         ]
+
+    def grammar_shapes(self) -> list[MixedShape | DecodeShape]:
+        """The shapes of steps with rows under a grammar: every mixed shape, and one-step decodes of every row
+        count (see the module docstring), with `grammar` set."""
+        mixed = [dataclasses.replace(s, grammar=True) for s in self.mixed_shapes()]
+        per = self.slots // self.replicas
+        rows = sorted({buckets.batch_bucket(n, per) for n in range(1, per + 1)})
+        decode = [
+            DecodeShape(r * self.replicas, c, 1, every, grammar=True)
+            for r in rows
+            for c in self.contexts(decode=True)
+            for every in (False, True)
+        ]
+        return [*(mixed if self.mixed else []), *decode]

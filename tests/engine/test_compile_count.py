@@ -68,7 +68,7 @@ def test_prefix_hits_compile_once_per_length_and_context_bucket(tiny_models, mix
     assert dict(llm.runner.compiles) == before
 
 
-MODES = 8
+MODES = 10
 
 
 def _random_params(rng, mode: int) -> SamplingParams:
@@ -91,6 +91,8 @@ def _random_params(rng, mode: int) -> SamplingParams:
             ),
             dict(temperature=0.9, n=int(rng.integers(2, 4)), logprobs=1),
             dict(temperature=0, prompt_logprobs=int(rng.integers(0, 3)), max_tokens=int(rng.integers(0, 3))),
+            dict(temperature=0, regex="[a-z]{1,30}"),  # a grammar, with the plain sampler
+            dict(temperature=0.8, seed=int(rng.integers(1000)), choice=["yes", "no", "maybe"], presence_penalty=0.3),
         ][mode],
     )
 
@@ -98,8 +100,8 @@ def _random_params(rng, mode: int) -> SamplingParams:
 @pytest.mark.slow
 def test_after_warmup_a_random_serving_workload_compiles_nothing(tiny_models):
     """Arrivals over time, prompts of 1-2,000 tokens (some sharing prefixes), n, every sampling mode, logprobs,
-    prompt logprobs (scoring),
-    penalties, stops, cancellations and preemption: after `warmup`, no step compiles anything."""
+    prompt logprobs (scoring), grammars, penalties, stops, cancellations and preemption: after `warmup`, no step
+    compiles anything."""
     import jax
     import numpy as np
 
@@ -120,8 +122,20 @@ def test_after_warmup_a_random_serving_workload_compiles_nothing(tiny_models):
     )
     engine = llm.engine
     shapes, seconds = engine.warmup()
-    assert shapes == len(engine.surface.mixed_shapes()) + len(engine.surface.decode_shapes()) and seconds > 0
-    assert dict(llm.runner.compiles) == {"mixed": len(engine.surface.mixed_shapes()), "decode": 12 // 2}
+    surface = engine.surface
+    grammar = surface.grammar_shapes()
+    assert shapes == len(surface.mixed_shapes()) + len(surface.decode_shapes()) + len(grammar) and seconds > 0
+    # grammar steps: a model half per model shape (not per sampler variant), a sampling half per shape
+    mixed_grammar = [g for g in grammar if not hasattr(g, "steps")]
+    warm = {
+        "mixed": len(surface.mixed_shapes()),
+        "decode": 12 // 2,
+        "mixed_forward": len({(g.tokens, g.seqs, g.context, g.scoring) for g in mixed_grammar}),
+        "mixed_sample": len(mixed_grammar),
+        "decode_forward": (len(grammar) - len(mixed_grammar)) // 2,
+        "decode_sample": len(grammar) - len(mixed_grammar),
+    }
+    assert dict(llm.runner.compiles) == warm
 
     # Every compilation XLA runs, or looks up in the persistent cache (which the tests share), is an event.
     compiled, listening = [], [True]
@@ -135,7 +149,7 @@ def test_after_warmup_a_random_serving_workload_compiles_nothing(tiny_models):
     jax.monitoring.register_event_duration_secs_listener(on_event)
     rng = np.random.default_rng(0)
     shared = rng.integers(3, cfg.vocab_size, 900).tolist()
-    arrivals, finished, aborted, scoring = 30, 0, 0, 0
+    arrivals, finished, aborted, scoring, constrained = 30, 0, 0, 0, 0
     live: list[str] = []
     while arrivals or engine.has_unfinished():
         if arrivals and rng.random() < 0.3:
@@ -146,11 +160,12 @@ def test_after_warmup_a_random_serving_workload_compiles_nothing(tiny_models):
             seqs = engine.add_request(prompt, _random_params(rng, arrivals % MODES))  # every mode, in turn
             live.append(seqs[0].request_id)
             scoring += seqs[0].prompt_logprobs is not None
+            constrained += seqs[0].matcher is not None
             arrivals -= 1
         if live and rng.random() < 0.04:
             aborted += bool(engine.abort(live.pop(int(rng.integers(len(live))))))
         finished += sum(u.finished for u in engine.step())
     listening[0] = False
     assert compiled == [], f"{len(compiled)} compilations after warm-up"
-    assert dict(llm.runner.compiles) == {"mixed": len(engine.surface.mixed_shapes()), "decode": 6}
-    assert engine.scheduler.preemptions > 0 and aborted > 0 and finished > 0 and scoring > 0
+    assert dict(llm.runner.compiles) == warm
+    assert engine.scheduler.preemptions > 0 and aborted > 0 and finished > 0 and scoring > 0 and constrained > 0

@@ -78,10 +78,11 @@ def test_bad_constraints_are_refused_before_queueing(llm):
 
 
 def test_free_only_batches_compile_nothing_new_around_constrained_ones(tiny_models):
-    """After warm-up, free requests compile nothing; a constrained one compiles its own variant; free ones after
-    it still compile nothing (the constrained variant never replaces theirs)."""
+    """After a warm-up of the free surface only, free requests compile nothing; a constrained one compiles its
+    own variant (the model and sampling halves); free ones after it still compile nothing (the constrained
+    variant never replaces theirs). With the whole surface warmed up, see test_compile_count."""
     llm = LLM(str(tiny_models["llama"][0]), max_num_seqs=2, max_model_len=64, token_budget=32, progress=False)
-    llm.engine.warmup()
+    llm.engine.warmup(grammar=False)
     free = SamplingParams(max_tokens=6, temperature=0.0)
     run = lambda params: llm.generate([[1, 17, 42, 99, 5]], params, use_tqdm=False)[0].outputs[0]
     warm = dict(llm.runner.compiles)
@@ -90,7 +91,7 @@ def test_free_only_batches_compile_nothing_new_around_constrained_ones(tiny_mode
     out = run(SamplingParams(max_tokens=6, temperature=0.0, choice=["ab", "cd"]))
     assert out.text in ("ab", "cd") and out.finish_reason == "stop"
     constrained = dict(llm.runner.compiles)
-    assert constrained != warm
+    assert {k: v for k, v in constrained.items() if k in warm} == warm and constrained["mixed_forward"] > 0
     assert run(free).token_ids == first
     assert dict(llm.runner.compiles) == constrained
 
@@ -106,3 +107,35 @@ def test_chat_with_tools_returns_the_calls(llm):
     jsonschema.validate(json.loads(c.tool_calls[0].arguments), weather)
     free = llm.chat(ask, SamplingParams(max_tokens=8, temperature=0), tools=tools, tool_choice="none")[0].outputs[0]
     assert free.tool_calls is None
+
+
+@pytest.mark.parametrize("mixed_step", [True, False], ids=["mixed", "separate"])
+def test_overlapped_masks_decode_every_step_and_sample_what_waiting_does(tiny_models, mixed_step):
+    """With `overlap_masks` a constrained row decodes every step (its mask computed while the model runs), where
+    waiting for its token decodes it every other step; both give the same tokens, greedy and sampled, for
+    constrained and free rows in one batch."""
+    folder = str(tiny_models["llama"][0])
+    params = [
+        SamplingParams(max_tokens=16, temperature=0.0, regex="[a-z]{5,40}"),
+        SamplingParams(max_tokens=16, temperature=0.9, seed=4, regex="(ab|cd|[0-9])+"),
+        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=16, temperature=0.8, seed=2, ignore_eos=True, presence_penalty=0.4),
+    ]
+    prompts = [[1, 17, 42, 99, 5], [1, 8, 9], [1, 30, 31, 32], [1, 5]]
+    outs, steps = {}, {}
+    for overlap in (False, True):
+        llm = LLM(
+            folder, max_num_seqs=4, max_model_len=64, mixed_step=mixed_step, overlap_masks=overlap, progress=False
+        )
+        done = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        outs[overlap] = [c.token_ids for c in done]
+        text, reason = done[0].text, done[0].finish_reason
+        assert re.fullmatch("[a-z]*", text) and (reason == "length" or re.fullmatch("[a-z]{5,40}", text))
+        llm.engine.add_request(prompts[0], params[0])
+        steps[overlap] = 0
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+            steps[overlap] += 1
+    assert outs[True] == outs[False]
+    assert all(len(t) == 16 for t in outs[True][2:])
+    assert steps[True] <= 0.6 * steps[False], steps
