@@ -129,6 +129,14 @@ def test_generate_chat_answers():
     assert "Traceback" not in proc.stderr
 
 
+CITY = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "size": {"enum": ["small", "big"]}},
+    "required": ["name", "size"],
+    "additionalProperties": False,
+}
+
+
 @pytest.mark.slow
 def test_generate_jsonl_batch(tmp_path):
     reqs = write_jsonl(
@@ -136,15 +144,17 @@ def test_generate_jsonl_batch(tmp_path):
         {"id": "plain", "prompt": "The capital of France is", "max_tokens": 6},
         {"id": "chat", "messages": [{"role": "user", "content": "Say hello."}], "stop": ["\n\n"]},
         {"id": "two", "prompt": "Once upon a time", "n": 2, "temperature": 0.8, "seed": 3, "max_tokens": 5},
+        {"id": "json", "prompt": "A city as JSON:", "json_schema": CITY, "max_tokens": 60},
     )
     out = tmp_path / "out.jsonl"
     proc = jaxllm("generate", "--input", reqs, "--output", out, *GREEDY)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["plain", "chat", "two"]
-    assert [len(r["choices"]) for r in rows] == [1, 1, 2]
-    for r, limit in zip(rows, (6, 8, 5), strict=True):
+    assert [r["id"] for r in rows] == ["plain", "chat", "two", "json"]
+    assert [len(r["choices"]) for r in rows] == [1, 1, 2, 1]
+    assert rows[3]["finish_reason"] == "stop" and set(json.loads(rows[3]["text"])) == {"name", "size"}
+    for r, limit in zip(rows[:3], (6, 8, 5), strict=True):
         assert r["text"] == r["choices"][0]["text"] and r["finish_reason"] == r["choices"][0]["finish_reason"]
         assert r["token_ids"] == r["choices"][0]["token_ids"]
         assert [c["index"] for c in r["choices"]] == list(range(len(r["choices"])))
