@@ -367,8 +367,13 @@ if which == "tiny":
     shapes, _ = warm.engine.warmup()
     traced = dict(warm.runner.compiles)
     same_run(one, warm, prompts)
-    # tokens 16/18 x sequences 1/2 x 2 variants, 2 scoring shapes, decode rows 1/2 x 2 variants
-    assert shapes == 14 and dict(warm.runner.compiles) == traced, (shapes, traced, warm.runner.compiles)
+    # under a grammar (the model and sampling halves, sharded): the same tokens as one device
+    constrained = SamplingParams(max_tokens=8, temperature=0, regex="[a-z]{3,20}")
+    got = [[c.token_ids for c in o.outputs] for o in warm.generate(prompts, constrained, use_tqdm=False)]
+    assert got == [[c.token_ids for c in o.outputs] for o in one.generate(prompts, constrained, use_tqdm=False)]
+    # tokens 16/18 x sequences 1/2 x 2 variants, 2 scoring shapes, decode rows 1/2 x 2 variants; the same
+    # mixed steps and one-step decodes under a grammar
+    assert shapes == 14 * 2 and dict(warm.runner.compiles) == traced, (shapes, traced, warm.runner.compiles)
     q_one = LLM(folder, tensor_parallel=1, quant="int8", progress=False)
     q_tp = LLM(folder, tensor_parallel=2, quant="int8", progress=False)
     assert q_tp.loaded.params["params"]["layers"]["mlp"]["down"].q.sharding.spec[-1] == "model"  # K split

@@ -58,6 +58,14 @@ def test_json_object_and_the_structured_outputs_extension(client):
     assert re.fullmatch(r"I say [a-z]+\.", text), text
 
 
+def test_a_grammar_the_tokens_cannot_complete_ends_with_length(client):
+    messages = [{"role": "user", "content": "Write."}]
+    body = {"structured_outputs": {"regex": "[a-z]{300}"}}
+    out = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=6, extra_body=body)
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 6
+    assert re.fullmatch("[a-z]+", out.choices[0].message.content)
+
+
 @pytest.mark.parametrize(
     "kw, word",
     [

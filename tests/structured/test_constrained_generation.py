@@ -139,3 +139,11 @@ def test_overlapped_masks_decode_every_step_and_sample_what_waiting_does(tiny_mo
     assert outs[True] == outs[False]
     assert all(len(t) == 16 for t in outs[True][2:])
     assert steps[True] <= 0.6 * steps[False], steps
+
+
+def test_a_grammar_not_complete_within_max_tokens_ends_with_length(tiny_models):
+    llm = LLM(str(tiny_models["llama"][0]), max_num_seqs=2, max_model_len=64, progress=False)
+    params = SamplingParams(max_tokens=5, temperature=0.0, regex="[a-z]{40}")
+    out = llm.generate([[1, 17, 42]], params, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5 and re.fullmatch("[a-z]+", out.text)
+    assert not llm.engine.has_unfinished()
