@@ -23,6 +23,8 @@ from jaxllm.sampling_params import SamplingParams
 from jaxllm.scoring import Score
 from jaxllm.structured import tool_choice as tool_choice_grammar
 from jaxllm.structured.tool_calls import format_for
+from jaxllm.tools.loop import DEFAULT_MAX_ROUNDS, ToolLoop
+from jaxllm.tools.registry import Tool, ToolRegistry
 
 
 def default_dtype():
@@ -85,6 +87,8 @@ class LLM:
     lora: LoRA adapters to serve, name -> a PEFT folder, an orbax checkpoint (`jaxllm.lora.save_adapter`) or
     an `Adapter`; requests name theirs (`generate(..., lora=name)`), and `add_lora` adds more at any time.
     max_loras, max_lora_rank: the adapter slots (adapters served at once) and the rank each module takes.
+    tools: `jaxllm.tools.Tool`s the server runs when the model calls them in `chat` (up to `max_tool_rounds`
+    rounds of calls per answer).
     overlap_masks: a request under a grammar (json_schema, regex, tools...) decodes every step, its next
     allowed tokens computed while the model runs (True, the default), or every other step (False).
     `weight_bytes` says how many bytes the weights take on the device(s).
@@ -118,6 +122,8 @@ class LLM:
         lora: dict | None = None,
         max_loras: int = 4,
         max_lora_rank: int = 16,
+        tools: list[Tool] | None = None,
+        max_tool_rounds: int = DEFAULT_MAX_ROUNDS,
     ):
         if cluster is not None:
             distributed.initialize(cluster)
@@ -159,6 +165,9 @@ class LLM:
         )
         self.outputs = OutputProcessor(self.tokenizer)
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.tools, self.max_tool_rounds = ToolRegistry(), max_tool_rounds
+        for tool in tools or []:
+            self.add_tool(tool)
         for name, adapter in (lora or {}).items():
             self.add_lora(name, adapter)
 
@@ -254,8 +263,9 @@ class LLM:
         adapter (by name, see `add_lora`) of every prompt, or one per prompt (None: the base model)."""
         return self._generate(prompts, params, use_tqdm, lora)
 
-    def _generate(self, prompts, params, use_tqdm: bool, lora, tool_format: str | None = None) -> list[RequestOutput]:
-        """`generate`, with tool calls parsed out of the outputs in `tool_format` when given."""
+    def _generate(self, prompts, params, use_tqdm: bool, lora, tool_format=None) -> list[RequestOutput]:
+        """`generate`, with tool calls parsed out of the outputs in `tool_format` when given (one for every
+        prompt, or a list of one per prompt)."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -273,9 +283,10 @@ class LLM:
         longest = max(len(ids) + p.max_tokens for (_, ids), p in zip(encoded, plist, strict=True))
         self.engine.reserve(total, longest)
         results = {}
-        for (text, ids), p, a in zip(encoded, plist, adapters, strict=True):
+        formats = tool_format if isinstance(tool_format, list) else [tool_format] * len(prompts)
+        for (text, ids), p, a, fmt in zip(encoded, plist, adapters, formats, strict=True):
             seqs = self.engine.add_request(ids, p, lora=a)
-            self.outputs.add(seqs, tool_format)
+            self.outputs.add(seqs, fmt)
             results[seqs[0].request_id] = _request_output(seqs, text)
         bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm or len(prompts) < 2)
         unfinished = {rid: len(r.outputs) for rid, r in results.items()}  # each sequence finishes once
@@ -344,16 +355,57 @@ class LLM:
 
         tools: OpenAI function tools, rendered by the chat template; the calls the model writes come back as
         `outputs[i].tool_calls` (finish_reason "tool_calls"). tool_choice: "auto" (the model decides), "none",
-        "required" or {"type": "function", "function": {"name": ...}}, the last two enforced by a grammar."""
+        "required" or {"type": "function", "function": {"name": ...}}, the last two enforced by a grammar.
+        With server tools (`LLM(tools=...)`, `add_tool`), the calls of them are run and their results read by the
+        model in further rounds (see `jaxllm.tools.loop`); the calls run are in `outputs[0].tool_steps`."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if len(self.tools):
+            return self._chat_with_server_tools(convs, params, use_tqdm, lora, tools, tool_choice, parallel_tool_calls)
         prompts = [self.apply_chat_template(m, tools=tools) for m in convs]
-        fmt = format_for(self.tokenizer.chat_template)
+        params = self._forced(params, tools, tool_choice, parallel_tool_calls)
+        return self._generate(
+            prompts, params, use_tqdm, lora, self._tool_format if tools and tool_choice != "none" else None
+        )
+
+    @property
+    def _tool_format(self) -> str:
+        return format_for(self.tokenizer.chat_template)
+
+    def _forced(self, params, tools, tool_choice, parallel_tool_calls) -> SamplingParams | None:
+        """params with the grammar that forces a 'required' or named tool_choice (as they are otherwise)."""
         must = tool_choice_grammar.chosen(tool_choice, tools) if tools else None
-        if must is not None:
-            params = dataclasses.replace(
-                params or SamplingParams(), grammar=tool_choice_grammar.call_grammar(fmt, must, parallel_tool_calls)
-            )
-        return self._generate(prompts, params, use_tqdm, lora, fmt if tools and tool_choice != "none" else None)
+        if must is None:
+            return params
+        grammar = tool_choice_grammar.call_grammar(self._tool_format, must, parallel_tool_calls)
+        return dataclasses.replace(params or SamplingParams(), grammar=grammar)
+
+    def _chat_with_server_tools(self, convs, params, use_tqdm, lora, tools, tool_choice, parallel) -> list:
+        """Each conversation in rounds (`ToolLoop`), the rounds of all of them batched together."""
+        if params is not None and params.n != 1:
+            raise InvalidRequestError("n must be 1 when the server runs tools: each answer follows its own calls")
+        loops = [ToolLoop(self.tools, conv, tools, tool_choice, self.max_tool_rounds) for conv in convs]
+        results: list = [None] * len(convs)
+        active = list(range(len(convs)))
+        while active:
+            prompts = [self.apply_chat_template(loops[i].template_messages(), tools=loops[i].tools) for i in active]
+            plist = [
+                self._forced(params, loops[i].tools, loops[i].tool_choice, parallel) or SamplingParams() for i in active
+            ]
+            formats = [self._tool_format if loops[i].parses_calls else None for i in active]
+            outs = self._generate(prompts, plist, use_tqdm, lora, formats)
+            still = []
+            for i, out in zip(active, outs, strict=True):
+                c = out.outputs[0]
+                if loops[i].take(c.text, c.tool_calls or []):
+                    still.append(i)
+                else:
+                    c.tool_steps, results[i] = list(loops[i].steps), out
+            active = still
+        return results
+
+    def add_tool(self, tool: Tool) -> None:
+        """Serve a tool that the model may call and the server runs (see `jaxllm.tools.Tool`)."""
+        self.tools.register(tool)
 
     def stream(self, prompt, params: SamplingParams | None = None, lora: str | None = None) -> Iterator[StreamDelta]:
         """Yield text deltas of one prompt (string or token ids) as they are generated."""

@@ -20,6 +20,8 @@ class CompletionOutput:
     # With tools: the calls the model wrote (`jaxllm.structured.tool_calls.ToolCall`); `text` is then the
     # content around them and finish_reason "tool_calls".
     tool_calls: list | None = None
+    # With server tools: the calls the server ran on the way to this answer (`jaxllm.tools.loop.ToolStep`).
+    tool_steps: list | None = None
 
     def add(self, delta: StreamDelta) -> None:
         """Append a streamed piece of this completion (the output processor's deltas add up to the whole)."""

@@ -252,3 +252,26 @@ def test_serve_lora_flags_are_checked(tiny_models, tmp_path):
     folder = tiny_models["llama"][0]
     proc = jaxllm("serve", "--model", folder, "--lora", f"x={tmp_path / 'missing'}", "--no-warmup")
     assert_error(proc, "missing", "adapter")
+
+
+def test_agent_tool_flags_are_checked_before_loading(tmp_path):
+    assert_error(jaxllm("serve", "--enable-agent-tools"), "--agent-sandbox-root")
+    assert_error(jaxllm("serve", "--agent-sandbox-root", tmp_path), "--enable-agent-tools")
+    missing = tmp_path / "nope"
+    assert_error(jaxllm("serve", "--enable-agent-tools", "--agent-sandbox-root", missing), "not a directory")
+
+
+def test_serve_says_which_agent_tools_it_registers(tmp_path, caplog):
+    import logging
+
+    from jaxllm.cli import build_parser
+    from jaxllm.serving.serve_command import server_tools
+
+    args = build_parser().parse_args(
+        ["serve", "--enable-agent-tools", "--agent-sandbox-root", str(tmp_path), "--agent-readonly", "."]
+    )
+    caplog.set_level(logging.INFO)
+    tools = server_tools(args, logging.getLogger("jaxllm.serving.serve_command"))
+    names = [t.name for t in tools]
+    assert {"read_file", "write_file", "shell"} <= set(names) and all(t.source == "agent" for t in tools)
+    assert f"agent tools in {tmp_path.resolve()}: read_file, list_dir" in caplog.text

@@ -72,6 +72,7 @@ def create_app(
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
         Route("/v1/completions", completions.completions, methods=["POST"]),
         Route("/v1/models", info.models, methods=["GET"]),
+        Route("/v1/tools", info.tools, methods=["GET"]),
         Route("/tokenize", tokenize.tokenize, methods=["POST"]),
         Route("/detokenize", tokenize.detokenize, methods=["POST"]),
         Route("/tokenizer_info", tokenize.tokenizer_info, methods=["GET"]),

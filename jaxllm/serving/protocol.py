@@ -159,6 +159,7 @@ class ChatCompletionRequest(_Request):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
+    include_tool_calls: bool = False  # extension: list the calls the server ran (with server tools)
 
 
 class CompletionRequest(_Request):

@@ -14,6 +14,8 @@ from jaxllm.cli_options import (
     load_options,
     parallelism,
 )
+from jaxllm.errors import InvalidRequestError
+from jaxllm.tools.loop import DEFAULT_MAX_ROUNDS
 
 SERVE_DEFAULT_MAX_LEN = 2048
 
@@ -96,9 +98,58 @@ def add_parser(sub, positive) -> None:
     )
     p.add_argument("--max-loras", type=positive, default=4, help="adapters served at once (slots)")
     p.add_argument("--max-lora-rank", type=positive, default=16, help="the largest adapter rank the slots take")
+    add_tool_arguments(p, positive)
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of before serving")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+
+def add_tool_arguments(p, positive) -> None:
+    p.add_argument(
+        "--max-tool-rounds",
+        type=positive,
+        default=DEFAULT_MAX_ROUNDS,
+        help="rounds of server-run tool calls per answer; after them the model's text is the answer",
+    )
+    p.add_argument(
+        "--enable-agent-tools",
+        action="store_true",
+        help="let the model read and write files in --agent-sandbox-root and run shell commands sandboxed there",
+    )
+    p.add_argument("--agent-sandbox-root", default=None, metavar="DIR", help="the only directory agent tools touch")
+    p.add_argument(
+        "--agent-readonly", nargs="+", action="extend", default=[], metavar="PATH", help="paths in it not to change"
+    )
+    p.add_argument(
+        "--agent-max-file-size", type=positive, default=1 << 20, metavar="BYTES", help="largest file read or written"
+    )
+    p.add_argument(
+        "--agent-allowed-extensions",
+        type=lambda s: [e.strip() for e in s.split(",") if e.strip()],
+        default=None,
+        metavar=".EXT,...",
+        help="the only file extensions agent tools read or write (default: any)",
+    )
+
+
+def server_tools(args: argparse.Namespace, log: logging.Logger) -> list:
+    """The tools `jaxllm serve` runs itself, from its flags (checked before the model loads); says which."""
+    if args.agent_sandbox_root and not args.enable_agent_tools:
+        raise InvalidRequestError("--agent-sandbox-root is for agent tools: add --enable-agent-tools")
+    if not args.enable_agent_tools:
+        return []
+    if not args.agent_sandbox_root:
+        raise InvalidRequestError("--enable-agent-tools needs --agent-sandbox-root DIR: the one directory they touch")
+    from jaxllm.tools.agent import Sandbox, agent_tools
+
+    sandbox = Sandbox(
+        args.agent_sandbox_root, args.agent_readonly, args.agent_max_file_size, args.agent_allowed_extensions
+    )
+    tools, why_no_shell = agent_tools(sandbox)
+    log.info("agent tools in %s: %s", sandbox.root, ", ".join(t.name for t in tools))
+    if why_no_shell:
+        log.warning("the shell tool is not offered: %s", why_no_shell)
+    return tools
 
 
 def lora_spec(text: str) -> tuple[str, str]:
@@ -125,6 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     compile_cache.enable()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger(__name__)
+    tools = server_tools(args, log)
     group = cluster(args)
     if group is not None:
         from jaxllm import distributed
@@ -139,7 +192,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parallel=parallelism(args),
     )
     stored = f" ({loaded.quant.describe()})" if loaded.quant else ""
-    log = logging.getLogger(__name__)
     log.info("weights: %.1f MiB on the device%s", loaded.weight_bytes / 2**20, stored)
     if loaded.placement:
         p = loaded.placement
@@ -160,6 +212,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lora=dict(args.lora),
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
+        tools=tools,
+        max_tool_rounds=args.max_tool_rounds,
     )
     for name, path in args.lora:
         log.info("LoRA adapter %r from %s: requests with model=%r use it", name, path, name)

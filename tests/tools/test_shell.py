@@ -122,3 +122,10 @@ def test_a_fork_bomb_is_bounded_and_the_host_can_still_fork(world):
     assert subprocess.run(["true"]).returncode == 0  # the machine still forks while the bomb goes off
     bomb.join()
     assert time.monotonic() - start < 20 and ("[timed out" in result["out"] or "[exit status" in result["out"])
+
+
+def test_a_read_only_root_is_read_only_to_the_shell(tmp_path):
+    (tmp_path / "a.txt").write_text("a\n")
+    out = run_shell(Sandbox(tmp_path, readonly=["."]), "echo b > a.txt; echo c > new.txt; cat a.txt")
+    assert out.count("Read-only file system") == 2 and (tmp_path / "a.txt").read_text() == "a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

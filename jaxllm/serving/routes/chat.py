@@ -11,6 +11,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from jaxllm.errors import InvalidRequestError
 from jaxllm.outputs import CompletionOutput
 from jaxllm.serving.protocol import ChatCompletionRequest
+from jaxllm.serving.routes.chat_format import calls_of, choice_of, logprobs_entries
+from jaxllm.serving.routes.chat_tools import chat_with_server_tools
 from jaxllm.serving.routes.common import (
     adapter_of,
     first_and_rest,
@@ -25,18 +27,6 @@ from jaxllm.structured import tool_choice
 from jaxllm.structured.tool_calls import format_for
 
 
-def _logprobs(lps) -> list[dict]:
-    """OpenAI's chat logprobs entries of the tokens (named by the output processor)."""
-
-    def entry(text, lp):
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-    def top(lp):
-        return [entry(t, v) for t, (_, v) in zip(lp.top_tokens, lp.top, strict=True)]
-
-    return [{**entry(lp.token, lp.logprob), "top_logprobs": top(lp)} for lp in lps]
-
-
 async def chat_completions(request: Request):
     state = request.app.state.server
     start = time.monotonic()
@@ -44,6 +34,9 @@ async def chat_completions(request: Request):
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     llm = state.llm
+    if len(llm.tools):
+        base = {"id": request_id("chatcmpl"), "created": int(time.time()), "model": req.model}
+        return await chat_with_server_tools(state, req, base["id"], base, start)
     prompt = llm.apply_chat_template([m.as_template_dict() for m in req.messages], tools=req.tools)
     ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
     use_new = req.max_completion_tokens is not None
@@ -80,28 +73,11 @@ async def chat_completions(request: Request):
     body = {
         **base,
         "object": "chat.completion",
-        "choices": [_choice(c, req.logprobs) for c in choices],
+        "choices": [choice_of(c, req.logprobs) for c in choices],
         "usage": usage(len(ids), sum(len(c.token_ids) for c in choices), cached),
     }
     state.metrics.requests.labels("200").inc()
     return JSONResponse(body)
-
-
-def _choice(c: CompletionOutput, logprobs: bool) -> dict:
-    message = {"role": "assistant", "content": c.text}
-    if c.tool_calls:
-        message = {"role": "assistant", "content": c.text or None, "tool_calls": _calls(c.tool_calls)}
-    lp = {"content": _logprobs(c.logprobs)} if logprobs else None
-    return {"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason}
-
-
-def _calls(calls, first_index: int | None = None) -> list[dict]:
-    """OpenAI's tool_calls entries; for stream deltas, numbered from `first_index` (the calls sent before)."""
-    out = []
-    for k, c in enumerate(calls):
-        entry = {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        out.append(entry if first_index is None else {"index": first_index + k, **entry})
-    return out
 
 
 async def _events(state, base, first, rest, prompt_len, include_usage, logprobs):
@@ -128,7 +104,7 @@ async def _events(state, base, first, rest, prompt_len, include_usage, logprobs)
                 yield choice(out.index, {"role": "assistant", "content": ""})
             completion += len(out.token_ids)
             cached = max(cached, out.cached_tokens)
-            lp = {"content": _logprobs(out.logprobs)} if logprobs else None
+            lp = {"content": logprobs_entries(out.logprobs)} if logprobs else None
             if out.text or (lp and out.logprobs) or (out.finish_reason and not out.tool_calls):
                 yield choice(
                     out.index,
@@ -139,7 +115,9 @@ async def _events(state, base, first, rest, prompt_len, include_usage, logprobs)
             if out.tool_calls:
                 k = calls_sent.get(out.index, 0)
                 calls_sent[out.index] = k + len(out.tool_calls)
-                yield choice(out.index, {"tool_calls": _calls(out.tool_calls, first_index=k)}, None, out.finish_reason)
+                yield choice(
+                    out.index, {"tool_calls": calls_of(out.tool_calls, first_index=k)}, None, out.finish_reason
+                )
         if include_usage:
             yield event({**chunk, "choices": [], "usage": usage(prompt_len, completion, cached)})
         yield DONE

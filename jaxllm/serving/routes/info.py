@@ -1,4 +1,4 @@
-"""GET /v1/models, /health, /metrics and /openapi.json."""
+"""GET /v1/models, /v1/tools, /health, /metrics and /openapi.json."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ async def models(request: Request):
     for name in state.llm.lora_names:  # adapters are models of their own, on the base model
         data.append({"id": name, "object": "model", "created": CREATED, "owned_by": "jaxllm", "parent": base})
     return JSONResponse({"object": "list", "data": data})
+
+
+async def tools(request: Request):
+    """The tools the server runs itself: name, description, parameters schema and source."""
+    return JSONResponse({"object": "list", "data": request.app.state.server.llm.tools.describe()})
 
 
 async def health(request: Request):

@@ -78,10 +78,10 @@ def _command(bwrap: str, root: str, command: str, readonly: tuple[str, ...] = ()
         "/proc",
         "--dev",
         "/dev",
-        "--bind",
+        "--ro-bind" if "" in readonly else "--bind",  # '': the whole root is read-only
         root,
         INSIDE,
-        *[a for rel in readonly for a in ("--ro-bind", os.path.join(root, rel), os.path.join(INSIDE, rel))],
+        *[a for rel in readonly if rel for a in ("--ro-bind", os.path.join(root, rel), os.path.join(INSIDE, rel))],
         "--remount-ro",
         "/",
         "--chdir",
@@ -192,7 +192,7 @@ def run_shell(sb: Sandbox, command: str, timeout: float = DEFAULT_TIMEOUT, max_o
     if why is not None:
         raise SandboxError(f"shell is not available: {why}")
     with _pids_cgroup(MAX_PROCESSES + 4) as cgroup:  # bubblewrap's own two processes, and some room
-        argv = _command(bwrap_binary(), sb.root, command, tuple(r for r in sb.readonly if r))
+        argv = _command(bwrap_binary(), sb.root, command, tuple(sb.readonly))
         proc = subprocess.Popen(
             _entering(cgroup, argv),
             stdin=subprocess.DEVNULL,
