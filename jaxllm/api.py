@@ -24,6 +24,7 @@ from jaxllm.scoring import Score
 from jaxllm.structured import tool_choice as tool_choice_grammar
 from jaxllm.structured.tool_calls import format_for
 from jaxllm.tools.loop import DEFAULT_MAX_ROUNDS, ToolLoop
+from jaxllm.tools.mcp import McpHub, load_config, parse_config
 from jaxllm.tools.registry import Tool, ToolRegistry
 
 
@@ -88,7 +89,8 @@ class LLM:
     an `Adapter`; requests name theirs (`generate(..., lora=name)`), and `add_lora` adds more at any time.
     max_loras, max_lora_rank: the adapter slots (adapters served at once) and the rank each module takes.
     tools: `jaxllm.tools.Tool`s the server runs when the model calls them in `chat` (up to `max_tool_rounds`
-    rounds of calls per answer).
+    rounds of calls per answer); mcp: MCP servers whose tools join them (a JSON file's path or its content, see
+    `jaxllm.tools.mcp`).
     overlap_masks: a request under a grammar (json_schema, regex, tools...) decodes every step, its next
     allowed tokens computed while the model runs (True, the default), or every other step (False).
     `weight_bytes` says how many bytes the weights take on the device(s).
@@ -124,6 +126,7 @@ class LLM:
         max_lora_rank: int = 16,
         tools: list[Tool] | None = None,
         max_tool_rounds: int = DEFAULT_MAX_ROUNDS,
+        mcp: str | dict | None = None,
     ):
         if cluster is not None:
             distributed.initialize(cluster)
@@ -168,6 +171,11 @@ class LLM:
         self.tools, self.max_tool_rounds = ToolRegistry(), max_tool_rounds
         for tool in tools or []:
             self.add_tool(tool)
+        self.mcp = None
+        if mcp is not None:
+            self.mcp = McpHub(load_config(mcp) if isinstance(mcp, str) else parse_config(mcp))
+            for tool in self.mcp.start():
+                self.add_tool(tool)
         for name, adapter in (lora or {}).items():
             self.add_lora(name, adapter)
 
@@ -181,7 +189,10 @@ class LLM:
         return calls
 
     def close(self) -> None:
-        """On the leader of a group: tell the followers to stop (once; also at exit)."""
+        """End the MCP sessions; on the leader of a group, tell the followers to stop (once; also at exit)."""
+        if self.mcp is not None:
+            self.mcp, mcp = None, self.mcp
+            mcp.close()
         if self.runner.channel is not None:
             channel, self.runner.channel = self.runner.channel, None
             channel.send("stop")

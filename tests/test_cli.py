@@ -275,3 +275,10 @@ def test_serve_says_which_agent_tools_it_registers(tmp_path, caplog):
     names = [t.name for t in tools]
     assert {"read_file", "write_file", "shell"} <= set(names) and all(t.source == "agent" for t in tools)
     assert f"agent tools in {tmp_path.resolve()}: read_file, list_dir" in caplog.text
+
+
+def test_a_bad_mcp_config_is_refused_before_loading(tmp_path):
+    bad = tmp_path / "mcp.json"
+    bad.write_text('{"servers": [{"id": "x", "source": {"type": "process"}}]}')
+    assert_error(jaxllm("serve", "--mcp-config", bad), "mcp.json", "'command'")
+    assert_error(jaxllm("serve", "--mcp-config", tmp_path / "missing.json"), "cannot read")

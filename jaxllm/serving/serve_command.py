@@ -116,6 +116,12 @@ def add_tool_arguments(p, positive) -> None:
         action="store_true",
         help="let the model read and write files in --agent-sandbox-root and run shell commands sandboxed there",
     )
+    p.add_argument(
+        "--mcp-config",
+        default=None,
+        metavar="FILE",
+        help="MCP servers whose tools the server runs (JSON: see jaxllm/tools/mcp.py); listed at GET /v1/tools",
+    )
     p.add_argument("--agent-sandbox-root", default=None, metavar="DIR", help="the only directory agent tools touch")
     p.add_argument(
         "--agent-readonly", nargs="+", action="extend", default=[], metavar="PATH", help="paths in it not to change"
@@ -178,6 +184,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger(__name__)
     tools = server_tools(args, log)
+    if args.mcp_config:
+        from jaxllm.tools.mcp import load_config
+
+        load_config(args.mcp_config)  # a mistake in it stops the start before the model loads
     group = cluster(args)
     if group is not None:
         from jaxllm import distributed
@@ -214,7 +224,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_lora_rank=args.max_lora_rank,
         tools=tools,
         max_tool_rounds=args.max_tool_rounds,
+        mcp=args.mcp_config,
     )
+    if llm.mcp is not None:
+        for server_id, why in llm.mcp.failures.items():
+            log.error("MCP server %r: no tools registered: %s", server_id, why)
+    for source in sorted({t.source for t in llm.tools.tools.values()}):
+        names = [t.name for t in llm.tools.tools.values() if t.source == source]
+        log.info("tools from %s: %s", source, ", ".join(names))
     for name, path in args.lora:
         log.info("LoRA adapter %r from %s: requests with model=%r use it", name, path, name)
     if group is not None and not group.leader:  # followers replay process 0's steps; it serves HTTP

@@ -4,6 +4,9 @@ call is run and its result answers the question, streamed or not; the client's o
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -22,6 +25,7 @@ SECRET = Tool(
     {"type": "object", "properties": {}, "additionalProperties": False},
     lambda: "The secret word is PAPAYA.",
 )
+SERVER = str(Path(__file__).parents[1] / "tools" / "mcp_test_server.py")
 ASK = [{"role": "user", "content": "What is today's secret word? Use the tool, then tell me the word."}]
 FORCE = {"type": "function", "function": {"name": "get_secret_word"}}
 CLIENT_TOOL = {
@@ -39,9 +43,13 @@ def tool_server(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("agent")
     (root / "notes.txt").write_text("remember the milk\n")
     agent, _ = agent_tools(Sandbox(root))
-    llm = LLM(loaded=smollm2.loaded, max_num_seqs=4, max_model_len=1024, tools=[SECRET, *agent], max_tool_rounds=1)
+    mcp = {"servers": [{"id": "test", "source": {"type": "process", "command": sys.executable, "args": [SERVER]}}]}
+    llm = LLM(
+        loaded=smollm2.loaded, max_num_seqs=4, max_model_len=1024, tools=[SECRET, *agent], max_tool_rounds=1, mcp=mcp
+    )
     with RunningServer(create_app(llm, served_model_name="smollm2", warmup=False)) as server:
         yield server
+    assert llm.mcp is None  # the app's shutdown closed the MCP sessions
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +93,17 @@ def test_rounds_are_bounded(client):
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_forced_call_of_an_mcp_tool_runs_on_the_mcp_server(client):
+    force = {"type": "function", "function": {"name": "test_echo"}}
+    reply = _ask(client, tool_choice=force, extra_body={"include_tool_calls": True})
+    (step,) = reply.choices[0].message.model_extra["tool_steps"]
+    assert step["source"] == "mcp:test" and step["content"].startswith("echo: ") and not step["error"]
+
+
 def test_v1_tools_lists_what_the_server_runs(tool_server):
     listed = httpx.get(tool_server.url + "/v1/tools").json()["data"]
     sources = {t["name"]: t["source"] for t in listed}
     assert sources["get_secret_word"] == "python" and sources["read_file"] == sources["shell"] == "agent"
+    assert sources["test_add"] == "mcp:test" and sources["test_echo"] == "mcp:test"
     assert {"write_file", "grep", "delete"} <= set(sources)
     assert all(t["parameters"]["type"] == "object" and t["description"] for t in listed)
