@@ -5,7 +5,8 @@ Servers come from a JSON file (`--mcp-config`, or `McpConfig` in Python):
     {"servers": [{"id": "files", "source": {"type": "process", "command": "python", "args": ["srv.py"]},
                   "tool_prefix": "files", "enabled": true, "timeout": 30, "retries": 1}]}
 
-A source is a `process` (command, args, env: spoken to over stdio), `http` (streamable HTTP) or `sse`, each
+A source is a `process` (command, args, env: spoken to over stdio), `http` (streamable HTTP), `sse` or
+`websocket` (no longer in the SDK, which dropped it as outside the MCP specification: `mcp_websocket.py`), each
 with a `url` and an optional `bearer_token`. Tools are discovered when the hub starts and registered as
 `prefix_name` (the prefix defaults to the id).
 
@@ -41,7 +42,7 @@ class McpToolError(JaxLLMError):
 class McpSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["process", "http", "sse"]
+    type: Literal["process", "http", "sse", "websocket"]
     command: str | None = None
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] | None = None
@@ -109,6 +110,10 @@ def _transport(source: McpSource):
         from mcp.client.sse import sse_client
 
         return sse_client(source.url, headers=headers)
+    if source.type == "websocket":
+        from jaxllm.tools.mcp_websocket import websocket_client
+
+        return websocket_client(source.url, headers)
     import httpx2
     from mcp.client.streamable_http import streamable_http_client
 

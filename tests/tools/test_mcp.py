@@ -1,9 +1,11 @@
 """The MCP client against a real MCP server written with the `mcp` SDK (tests/tools/mcp_test_server.py), over
-stdio and over streamable HTTP: tools discovered with their prefix, calls, a server dying mid-session (an error
-result, then a new connection), a hanging tool timing out, a tool's own failure, and configuration mistakes."""
+stdio, streamable HTTP, SSE and WebSocket: tools discovered with their prefix, calls, a server dying mid-session
+(an error result, then a new connection), a hanging tool timing out, a tool's own failure, and configuration
+mistakes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -47,14 +49,19 @@ def stdio():
     hub.close()
 
 
-class HttpServer:
-    def __init__(self):
-        self.port = free_port()
-        self.proc = None
+class NetworkServer:
+    """The test server over `transport` ('http', 'sse' or 'ws') in a process of its own, on a fixed port."""
+
+    def __init__(self, transport: str):
+        self.transport, self.port, self.proc = transport, free_port(), None
 
     def start(self):
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         self.proc = subprocess.Popen(
-            [sys.executable, SERVER, "http", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [sys.executable, SERVER, self.transport, str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
         _wait_for_port(self.port)
 
@@ -63,11 +70,15 @@ class HttpServer:
         self.proc.wait()
 
 
-@pytest.fixture
-def http():
-    server = HttpServer()
+URLS = {"http": "http://127.0.0.1:{}/mcp", "sse": "http://127.0.0.1:{}/sse", "ws": "ws://127.0.0.1:{}/ws"}
+
+
+@pytest.fixture(params=["http", "sse", "ws"])
+def network(request):
+    server = NetworkServer(request.param)
     server.start()
-    hub, registry = _hub({"type": "http", "url": f"http://127.0.0.1:{server.port}/mcp", "bearer_token": "tok"})
+    kind = {"http": "http", "sse": "sse", "ws": "websocket"}[request.param]
+    hub, registry = _hub({"type": kind, "url": URLS[request.param].format(server.port), "bearer_token": "tok"})
     yield registry, server
     hub.close()
     server.kill()
@@ -102,14 +113,14 @@ def test_a_tools_own_failure_is_its_error(stdio):
     assert result.error and "fail" in result.content
 
 
-def test_http_tools_are_discovered_and_called(http):
-    registry, _ = http
+def test_network_tools_are_discovered_and_called(network):
+    registry, _ = network
     assert _names(registry) == ["t_add", "t_die", "t_echo", "t_fail", "t_hang"]
     assert registry.call("t_add", {"a": 20, "b": 22}).content == "42"
 
 
-def test_http_a_server_killed_mid_session_gives_an_error_then_reconnects(http):
-    registry, server = http
+def test_network_a_server_killed_mid_session_gives_an_error_then_reconnects(network):
+    registry, server = network
     assert registry.call("t_add", {"a": 1, "b": 2}).content == "3"
     server.kill()
     result = registry.call("t_add", {"a": 1, "b": 2})
