@@ -3,7 +3,8 @@ registered from Python, from MCP servers or from the agent's sandbox.
 
 `ToolRegistry.call` never raises: arguments that do not match the schema, a tool that raises, one that runs
 past its timeout and one whose result is too long all come back as a `ToolResult` the model can read (an error
-says what went wrong). Calls run on a pool of threads, so a hung tool holds its own thread, not the caller's.
+says what went wrong). Each call runs on a thread of its own, so a hung tool holds only that thread (Python
+cannot stop it: it is abandoned), never the caller's nor another call's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable
 
 import jsonschema
@@ -57,10 +59,9 @@ class ToolResult:
 class ToolRegistry:
     """Tools by name; `call` runs one with its timeout and caps its result at `max_result_chars`."""
 
-    def __init__(self, max_workers: int = 8, max_result_chars: int = MAX_RESULT_CHARS):
+    def __init__(self, max_result_chars: int = MAX_RESULT_CHARS):
         self.tools: dict[str, Tool] = {}
         self.max_result_chars = max_result_chars
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="jaxllm-tool")
 
     def register(self, tool: Tool) -> None:
         """Add a tool; a bad name or schema, or a name taken already, is an `InvalidRequestError`."""
@@ -108,11 +109,18 @@ class ToolRegistry:
         if error is not None:
             where = "/".join(map(str, error.absolute_path)) or "arguments"
             return ToolResult(f"invalid arguments for {name}: {where}: {error.message}", True)
-        future = self._pool.submit(tool.fn, **arguments)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                future.set_result(tool.fn(**arguments))
+            except BaseException as e:  # handed to the caller
+                future.set_exception(e)
+
+        threading.Thread(target=run, name=f"jaxllm-tool-{name}", daemon=True).start()
         try:
             value = future.result(timeout=tool.timeout)
         except concurrent.futures.TimeoutError:
-            future.cancel()
             return ToolResult(f"{name} did not finish within {tool.timeout:g} s: it was abandoned", True)
         except JaxLLMError as e:
             return ToolResult(str(e), True)
@@ -125,6 +133,3 @@ class ToolRegistry:
         if len(text) <= self.max_result_chars:
             return text
         return text[: self.max_result_chars] + f"\n... ({len(text) - self.max_result_chars} more characters cut)"
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)

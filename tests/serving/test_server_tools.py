@@ -4,6 +4,7 @@ call is run and its result answers the question, streamed or not; the client's o
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -107,3 +108,25 @@ def test_v1_tools_lists_what_the_server_runs(tool_server):
     assert sources["test_add"] == "mcp:test" and sources["test_echo"] == "mcp:test"
     assert {"write_file", "grep", "delete"} <= set(sources)
     assert all(t["parameters"]["type"] == "object" and t["description"] for t in listed)
+
+
+def test_jaxllm_serve_registers_agent_and_mcp_tools_and_says_so(tmp_path):
+    from jaxllm.serving.launch import spawn_server
+
+    root = tmp_path / "root"
+    root.mkdir()
+    config = tmp_path / "mcp.json"
+    source = {"type": "process", "command": sys.executable, "args": [SERVER]}
+    config.write_text(json.dumps({"servers": [{"id": "calc", "source": source, "tool_prefix": "calc"}]}))
+    log = tmp_path / "serve.log"
+    flags = ["--no-warmup", "--max-seqs", "2", "--enable-agent-tools", "--agent-sandbox-root", str(root)]
+    with open(log, "w") as err:
+        proc, url = spawn_server([*flags, "--mcp-config", str(config)], timeout=600, stderr=err)
+    try:
+        listed = {t["name"]: t["source"] for t in httpx.get(url + "/v1/tools").json()["data"]}
+        assert listed["calc_add"] == "mcp:calc" and listed["read_file"] == "agent" and listed["shell"] == "agent"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    text = log.read_text()
+    assert "tools from agent: read_file, list_dir" in text and "tools from mcp:calc: calc_add" in text

@@ -29,7 +29,6 @@ def registry():
     reg.register(Tool("flood", "Megabytes.", {"type": "object"}, lambda: "x" * 5_000_000))
     yield reg
     release.set()
-    reg.close()
 
 
 def test_a_call_returns_its_result_as_text(registry):
@@ -51,6 +50,17 @@ def test_a_call_returns_its_result_as_text(registry):
 def test_mistakes_and_failures_are_error_results(registry, name, arguments, words):
     result = registry.call(name, arguments)
     assert result.error and all(w in result.content for w in words), result.content
+
+
+def test_hung_tools_never_hold_up_other_calls(registry):
+    """More hung calls than any pool would have threads: the next call is still answered at once."""
+    hung = [threading.Thread(target=registry.call, args=("hang", {})) for _ in range(20)]
+    for t in hung:
+        t.start()
+    start = time.monotonic()
+    assert registry.call("add", {"a": 1, "b": 2}).content == "3" and time.monotonic() - start < 0.3
+    for t in hung:
+        t.join()
 
 
 def test_a_hung_tool_times_out_without_blocking_other_calls(registry):

@@ -10,6 +10,7 @@ is only known to be the answer once it ends without server calls.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 
 from starlette.responses import JSONResponse, StreamingResponse
@@ -22,6 +23,8 @@ from jaxllm.serving.sse import DONE, event
 from jaxllm.structured import tool_choice
 from jaxllm.structured.tool_calls import format_for
 from jaxllm.tools.loop import ToolLoop
+
+ROUNDS = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="jaxllm-tool-round")  # requests' tool rounds
 
 
 async def chat_with_server_tools(state, req, rid: str, base: dict, start: float):
@@ -55,7 +58,8 @@ async def chat_with_server_tools(state, req, rid: str, base: dict, start: float)
             cached = max(cached, delta.cached_tokens)
         state.metrics.prompt_tokens.inc(len(ids))
         prompt_tokens, completion_tokens = prompt_tokens + len(ids), completion_tokens + len(out.token_ids)
-        if not await asyncio.to_thread(loop.take, out.text, out.tool_calls or []):
+        # On a pool of its own: a round may wait out a tool's timeout without taking the default pool's threads.
+        if not await asyncio.get_running_loop().run_in_executor(ROUNDS, loop.take, out.text, out.tool_calls or []):
             break
     choice = choice_of(out, req.logprobs)
     if req.include_tool_calls:
