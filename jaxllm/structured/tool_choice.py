@@ -8,6 +8,10 @@ import json
 from jaxllm.errors import InvalidRequestError
 from jaxllm.structured.grammar import JSON_OPTIONS
 
+# Calls a forced choice may write at once: a small model under a grammar can otherwise repeat the same call
+# until max_tokens, and the output (an unclosed list) parses as no call at all.
+MAX_PARALLEL_CALLS = 8
+
 # Where a format's calls sit: the text before one call (or the whole list) and after it.
 WRAP = {
     "hermes": ("<tool_call>\n", "\n</tool_call>"),
@@ -56,8 +60,9 @@ def chosen(tool_choice, tools) -> dict[str, dict] | None:
 
 
 def call_grammar(fmt: str, fns: dict[str, dict], parallel: bool) -> str:
-    """A Lark grammar (for `SamplingParams(grammar=...)`) of one call, or with `parallel` one or more, to the
-    functions `fns`, written as the format `fmt` writes them (`jaxllm.structured.tool_calls`)."""
+    """A Lark grammar (for `SamplingParams(grammar=...)`) of one call, or with `parallel` one to
+    `MAX_PARALLEL_CALLS`, to the functions `fns`, written as the format `fmt` writes them
+    (`jaxllm.structured.tool_calls`)."""
     args_key = "parameters" if fmt == "llama3" else "arguments"
     one = {
         "x-guidance": JSON_OPTIONS,
@@ -73,13 +78,14 @@ def call_grammar(fmt: str, fns: dict[str, dict], parallel: bool) -> str:
     }
     if fmt in ("mistral", "json"):  # a list of calls
         listed = {"x-guidance": JSON_OPTIONS, "type": "array", "items": one, "minItems": 1}
-        if not parallel:
-            listed["maxItems"] = 1
+        listed["maxItems"] = MAX_PARALLEL_CALLS if parallel else 1
         before, _ = WRAP[fmt]
         return f"start: {json.dumps(before) + ' ' if before else ''}calls\ncalls: %json {json.dumps(listed)}"
     before, after = WRAP[fmt]
     join = '"; "' if fmt == "llama3" else '"\\n"'
-    many = f"(({join}) call)*" if parallel else ""
+    many = ""
+    for _ in range(MAX_PARALLEL_CALLS - 1 if parallel else 0):  # up to the bound: nested optional calls
+        many = f"({join} call {many})?"
     pieces = " ".join(
         p for p in (json.dumps(before) if before else "", "body", json.dumps(after) if after else "") if p
     )

@@ -158,6 +158,24 @@ def test_required_calls_are_what_the_grammar_allows(compiler, fmt):
     assert not _matches(compiler, call_grammar(fmt, chosen("required", TOOLS), parallel=True), bad_args)
 
 
+@pytest.mark.parametrize("fmt", list(CALLS_TEXT))
+def test_forced_parallel_calls_are_bounded(compiler, fmt):
+    from jaxllm.structured.tool_choice import MAX_PARALLEL_CALLS, call_grammar, chosen
+
+    grammar = call_grammar(fmt, chosen({"type": "function", "function": {"name": "get_time"}}, TOOLS), parallel=True)
+    call = {"hermes": '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'}.get(
+        fmt, '{"name": "get_time", "' + ("parameters" if fmt == "llama3" else "arguments") + '": {}}'
+    )
+    sep = {"hermes": "\n", "llama3": "; "}.get(fmt, ", ")
+
+    def written(n):
+        calls = sep.join([call] * n)
+        return {"mistral": f"[TOOL_CALLS][{calls}]", "json": f"[{calls}]"}.get(fmt, calls)
+
+    assert _matches(compiler, grammar, written(MAX_PARALLEL_CALLS))
+    assert not _matches(compiler, grammar, written(MAX_PARALLEL_CALLS + 1))
+
+
 def test_tool_choice_mistakes_are_clear():
     from jaxllm.errors import InvalidRequestError
     from jaxllm.structured.tool_choice import chosen
