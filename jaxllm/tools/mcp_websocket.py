@@ -27,42 +27,10 @@ def _dump(message: SessionMessage) -> str:
     return message.message.model_dump_json(by_alias=True, exclude_unset=True)
 
 
-@contextlib.asynccontextmanager
-async def websocket_client(url: str, headers: dict | None = None):
-    """(read stream, write stream) over a WebSocket connection to `url`; a dropped connection closes the read
-    stream, so that the session's pending requests fail."""
-    from websockets.asyncio.client import connect
-
-    read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
-    write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
-    async with connect(url, subprotocols=[SUBPROTOCOL], additional_headers=headers, open_timeout=30) as ws:
-
-        async def reader():
-            async with read_writer:
-                with contextlib.suppress(Exception):  # closed: the session sees the stream end
-                    async for raw in ws:
-                        await read_writer.send(_parse(raw))
-
-        async def writer():
-            async with write_reader:
-                with contextlib.suppress(Exception):
-                    async for message in write_reader:
-                        await ws.send(_dump(message))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(reader)
-            tg.start_soon(writer)
-            try:
-                yield read_stream, write_stream
-            finally:
-                tg.cancel_scope.cancel()
-
-
-async def websocket_server(websocket, server) -> None:
-    """Serve the SDK server `server` (an `MCPServer` or low-level `Server`) on an accepted-to-be Starlette
-    `websocket` until it closes."""
-    lowlevel = getattr(server, "_lowlevel_server", server)
-    await websocket.accept(subprotocol=SUBPROTOCOL)
+def _pump(tg, receive, send):
+    """Start the two tasks that carry messages between a WebSocket (`receive()` -> text, `send(text)`) and the
+    session's streams; returns (read stream, write stream). A closed socket ends the read stream, so that the
+    session sees the connection end."""
     read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
 
@@ -70,16 +38,39 @@ async def websocket_server(websocket, server) -> None:
         async with read_writer:
             with contextlib.suppress(Exception):
                 while True:
-                    await read_writer.send(_parse(await websocket.receive_text()))
+                    await read_writer.send(_parse(await receive()))
 
     async def writer():
         async with write_reader:
             with contextlib.suppress(Exception):
                 async for message in write_reader:
-                    await websocket.send_text(_dump(message))
+                    await send(_dump(message))
 
+    tg.start_soon(reader)
+    tg.start_soon(writer)
+    return read_stream, write_stream
+
+
+@contextlib.asynccontextmanager
+async def websocket_client(url: str, headers: dict | None = None):
+    """(read stream, write stream) over a WebSocket connection to `url`; a dropped connection closes the read
+    stream, so that the session's pending requests fail."""
+    from websockets.asyncio.client import connect
+
+    async with connect(url, subprotocols=[SUBPROTOCOL], additional_headers=headers, open_timeout=30) as ws:
+        async with anyio.create_task_group() as tg:
+            try:
+                yield _pump(tg, ws.recv, ws.send)
+            finally:
+                tg.cancel_scope.cancel()
+
+
+async def websocket_server(websocket, server) -> None:
+    """Serve the SDK server `server` (an `MCPServer` or low-level `Server`) on a Starlette `websocket` (accepted
+    here) until it closes."""
+    lowlevel = getattr(server, "_lowlevel_server", server)
+    await websocket.accept(subprotocol=SUBPROTOCOL)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(reader)
-        tg.start_soon(writer)
+        read_stream, write_stream = _pump(tg, websocket.receive_text, websocket.send_text)
         await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
         tg.cancel_scope.cancel()
