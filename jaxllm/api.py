@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import dataclasses
 from collections.abc import Iterator
 
 import jax
@@ -384,11 +383,11 @@ class LLM:
 
     def _forced(self, params, tools, tool_choice, parallel_tool_calls) -> SamplingParams | None:
         """params with the grammar that forces a 'required' or named tool_choice (as they are otherwise)."""
-        must = tool_choice_grammar.chosen(tool_choice, tools) if tools else None
-        if must is None:
+        if not tools:
             return params
-        grammar = tool_choice_grammar.call_grammar(self._tool_format, must, parallel_tool_calls)
-        return dataclasses.replace(params or SamplingParams(), grammar=grammar)
+        return tool_choice_grammar.forced(
+            params or SamplingParams(), self._tool_format, tool_choice, tools, parallel_tool_calls
+        )
 
     def _chat_with_server_tools(self, convs, params, use_tqdm, lora, tools, tool_choice, parallel) -> list:
         """Each conversation in rounds (`ToolLoop`), the rounds of all of them batched together."""

@@ -49,6 +49,26 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def best_of_rounds(calls, repeats: int) -> dict:
+    """The fastest of `repeats` timed calls of each (key, fn) in `calls`, in seconds by key, timed in rounds over
+    all of them so that the machine's drift hits them alike (each is called once before, untimed, by the caller:
+    its compile)."""
+    best = {key: float("inf") for key, _ in calls}
+    for _ in range(repeats):
+        for key, fn in calls:
+            best[key] = min(best[key], best_time(fn, 1))
+    return best
+
+
+def tokens_parser(doc: str, tokens: int) -> argparse.ArgumentParser:
+    """The arguments the small benchmarks share: --tokens per prompt, --repeats (rounds), --no-write."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=tokens)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-write", action="store_true")
+    return p
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 

@@ -13,13 +13,12 @@ docs/benchmarks.md between the `bench:lora` markers.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench import best_time, write_report  # noqa: E402
+from bench import best_of_rounds, tokens_parser, write_report  # noqa: E402
 
 BEGIN, END = "<!-- bench:lora -->", "<!-- /bench:lora -->"
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -46,11 +45,7 @@ def runner(llm, batch: int, names, tokens: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-write", action="store_true")
-    args = p.parse_args(argv)
+    args = tokens_parser(__doc__, 64).parse_args(argv)
     import jaxllm
     from jaxllm import LLM
 
@@ -74,11 +69,7 @@ def main(argv=None) -> int:
         ]
         for _, call in calls:
             call()  # compiles this configuration's shapes
-        best = {label: float("inf") for label, _ in calls}
-        for _ in range(args.repeats):  # rounds over every configuration: drift hits them alike
-            for label, call in calls:
-                best[label] = min(best[label], best_time(call, 1))
-        for label, seconds in best.items():
+        for label, seconds in best_of_rounds(calls, args.repeats).items():
             results[(batch, label)] = batch * args.tokens / seconds
             print(f"batch {batch}: {label} {results[(batch, label)]:.1f} tok/s", flush=True)
     lines = ["| batch | rows | tok/s | vs base |", "|---|---|---|---|"]

@@ -15,7 +15,6 @@ takes to compute one row's bitmask. Results are printed and written into docs/be
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench import best_time, write_report  # noqa: E402
+from bench import best_of_rounds, tokens_parser, write_report  # noqa: E402
 
 BEGIN, END = "<!-- bench:structured -->", "<!-- /bench:structured -->"
 # Long enough that no row completes it within the tokens: every row generates all of them, as free rows do.
@@ -74,11 +73,7 @@ def mask_microseconds(llm, params, repeats: int = 200) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-write", action="store_true")
-    args = p.parse_args(argv)
+    args = tokens_parser(__doc__, 48).parse_args(argv)
     import jaxllm
     from jaxllm import LLM
 
@@ -99,11 +94,7 @@ def main(argv=None) -> int:
             for overlap, llm in engines.items()
         ]
         made = {key: fn() for key, fn in calls}  # the first run of each (and the tokens it makes)
-        best = {key: float("inf") for key, _ in calls}
-        for _ in range(args.repeats):  # rounds over every configuration: drift hits them alike
-            for key, fn in calls:
-                best[key] = min(best[key], best_time(fn, 1))
-        for (label, overlap), seconds in best.items():
+        for (label, overlap), seconds in best_of_rounds(calls, args.repeats).items():
             results[(batch, label, overlap)] = made[(label, overlap)] / seconds
             print(
                 f"batch {batch}: {label}, overlap {overlap}: {results[(batch, label, overlap)]:.1f} tok/s", flush=True

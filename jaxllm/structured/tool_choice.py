@@ -3,6 +3,7 @@ only lets the model write calls in its own format, with arguments matching each 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from jaxllm.errors import InvalidRequestError
@@ -57,6 +58,17 @@ def chosen(tool_choice, tools) -> dict[str, dict] | None:
     if name not in fns:
         raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
     return {name: fns[name]}
+
+
+def forced(params, fmt: str, tool_choice, tools, parallel: bool):
+    """`params` (SamplingParams) with the grammar that makes the model call what a 'required' or named
+    `tool_choice` asks for, in the format `fmt`; as they are for 'auto' and 'none'."""
+    must = chosen(tool_choice, tools)
+    if must is None:
+        return params
+    if params.structured is not None:
+        raise InvalidRequestError("tool_choice cannot be combined with an output format", param="tool_choice")
+    return dataclasses.replace(params, grammar=call_grammar(fmt, must, parallel))
 
 
 def call_grammar(fmt: str, fns: dict[str, dict], parallel: bool) -> str:

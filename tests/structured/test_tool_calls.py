@@ -187,3 +187,17 @@ def test_tool_choice_mistakes_are_clear():
         chosen("required", [])
     with pytest.raises(InvalidRequestError, match=r"tools\[0\]"):
         chosen("required", [{"type": "function"}])
+
+
+def test_forced_choices_set_the_grammar_and_refuse_another_output_format():
+    from jaxllm import SamplingParams
+    from jaxllm.errors import InvalidRequestError
+    from jaxllm.structured.tool_choice import call_grammar, chosen, forced
+
+    free = SamplingParams(max_tokens=8)
+    assert forced(free, "json", "auto", TOOLS, True) is free and forced(free, "json", "none", TOOLS, True) is free
+    assert forced(free, "json", "required", TOOLS, False).grammar == call_grammar(
+        "json", chosen("required", TOOLS), False
+    )
+    with pytest.raises(InvalidRequestError, match="cannot be combined with an output format"):
+        forced(SamplingParams(regex="a+"), "json", "required", TOOLS, True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from starlette.requests import Request
@@ -46,11 +45,7 @@ async def chat_completions(request: Request):
     )
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     fmt = format_for(llm.tokenizer.chat_template)
-    must = tool_choice.chosen(req.tool_choice, req.tools)
-    if must is not None:
-        if params.structured is not None:
-            raise InvalidRequestError("tool_choice cannot be combined with an output format", param="tool_choice")
-        params = dataclasses.replace(params, grammar=tool_choice.call_grammar(fmt, must, req.parallel_tool_calls))
+    params = tool_choice.forced(params, fmt, req.tool_choice, req.tools, req.parallel_tool_calls)
     tools = fmt if req.tools and req.tool_choice != "none" else None  # parse calls out of the output
     rid, created = request_id("chatcmpl"), int(time.time())
     gen = state.engine.generate(ids, params, rid, adapter_of(state, req.model), tools)

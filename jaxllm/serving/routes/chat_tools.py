@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 
 from starlette.responses import JSONResponse, StreamingResponse
 
@@ -46,9 +45,7 @@ async def chat_with_server_tools(state, req, rid: str, base: dict, start: float)
             resolve_max_tokens(requested, len(ids), llm.max_model_len, param),
             (req.top_logprobs or 0) if req.logprobs else None,
         )
-        must = tool_choice.chosen(loop.tool_choice, loop.tools)
-        if must is not None:
-            params = dataclasses.replace(params, grammar=tool_choice.call_grammar(fmt, must, req.parallel_tool_calls))
+        params = tool_choice.forced(params, fmt, loop.tool_choice, loop.tools, req.parallel_tool_calls)
         out = CompletionOutput(0, "", [], None, logprobs=[])
         gen = state.engine.generate(
             ids, params, f"{rid}-{loop.rounds}", adapter_of(state, req.model), fmt if loop.parses_calls else None
