@@ -26,6 +26,12 @@ SECRET = Tool(
     {"type": "object", "properties": {}, "additionalProperties": False},
     lambda: "The secret word is PAPAYA.",
 )
+REPORT = Tool(
+    "get_report",
+    "Returns the full report.",
+    {"type": "object", "properties": {}, "additionalProperties": False},
+    lambda: "lorem ipsum " * 2000,  # far more than the context holds
+)
 SERVER = str(Path(__file__).parents[1] / "tools" / "mcp_test_server.py")
 ASK = [{"role": "user", "content": "What is today's secret word? Use the tool, then tell me the word."}]
 FORCE = {"type": "function", "function": {"name": "get_secret_word"}}
@@ -46,7 +52,12 @@ def tool_server(smollm2, tmp_path_factory):
     agent, _ = agent_tools(Sandbox(root))
     mcp = {"servers": [{"id": "test", "source": {"type": "process", "command": sys.executable, "args": [SERVER]}}]}
     llm = LLM(
-        loaded=smollm2.loaded, max_num_seqs=4, max_model_len=1024, tools=[SECRET, *agent], max_tool_rounds=1, mcp=mcp
+        loaded=smollm2.loaded,
+        max_num_seqs=4,
+        max_model_len=1024,
+        tools=[SECRET, REPORT, *agent],
+        max_tool_rounds=1,
+        mcp=mcp,
     )
     with RunningServer(create_app(llm, served_model_name="smollm2", warmup=False)) as server:
         yield server
@@ -73,10 +84,25 @@ def test_a_forced_server_call_is_run_and_its_result_answers(client):
     assert reply.usage.prompt_tokens > 2 * len(ASK[0]["content"].split())  # two rounds of prompt counted
 
 
-def test_streamed_the_answer_comes_after_the_rounds(client):
-    chunks = list(_ask(client, tool_choice=FORCE, stream=True))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert "PAPAYA" in text and chunks[-1].choices[0].finish_reason == "stop"
+def test_streamed_each_round_streams_live_with_the_steps_between(client):
+    chunks = list(_ask(client, tool_choice=FORCE, stream=True, extra_body={"include_tool_calls": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    (at,) = [k for k, d in enumerate(deltas) if (d.model_extra or {}).get("tool_steps")]
+    assert deltas[at].model_extra["tool_steps"][0]["content"] == "The secret word is PAPAYA."
+    answer = [d.content for d in deltas[at + 1 :] if d.content]
+    assert len(answer) > 3 and "PAPAYA" in "".join(answer)  # token by token, not one chunk at the end
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_result_that_floods_the_context_is_a_clear_error_streamed_or_not(client):
+    force = {"type": "function", "function": {"name": "get_report"}}
+    with pytest.raises(openai.BadRequestError, match="results of 1 tool calls the conversation is .* 1024-token"):
+        _ask(client, tool_choice=force)
+    chunks = []
+    with pytest.raises(openai.APIError, match="results of 1 tool calls"):  # the stream had begun: an error event
+        for c in _ask(client, tool_choice=force, stream=True):
+            chunks.append(c)
+    assert chunks and chunks[0].choices[0].delta.role == "assistant"
 
 
 def test_the_clients_own_tools_stay_the_clients(client):
@@ -85,13 +111,6 @@ def test_the_clients_own_tools_stay_the_clients(client):
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "book_table"
     assert choice.message.model_extra["tool_steps"] == []
-
-
-def test_rounds_are_bounded(client):
-    """--max-tool-rounds 1: after one round of calls the model's next text is the answer, whatever it says."""
-    reply = _ask(client, tool_choice=FORCE, extra_body={"include_tool_calls": True})
-    assert len(reply.choices[0].message.model_extra["tool_steps"]) == 1
-    assert reply.choices[0].finish_reason in ("stop", "length")
 
 
 def test_a_forced_call_of_an_mcp_tool_runs_on_the_mcp_server(client):
@@ -119,14 +138,36 @@ def test_jaxllm_serve_registers_agent_and_mcp_tools_and_says_so(tmp_path):
     source = {"type": "process", "command": sys.executable, "args": [SERVER]}
     config.write_text(json.dumps({"servers": [{"id": "calc", "source": source, "tool_prefix": "calc"}]}))
     log = tmp_path / "serve.log"
-    flags = ["--no-warmup", "--max-seqs", "2", "--enable-agent-tools", "--agent-sandbox-root", str(root)]
+    flags = ["--no-warmup", "--max-seqs", "2", "--max-tool-rounds", "2"]
+    flags += ["--enable-agent-tools", "--agent-sandbox-root", str(root)]
     with open(log, "w") as err:
         proc, url = spawn_server([*flags, "--mcp-config", str(config)], timeout=600, stderr=err)
     try:
         listed = {t["name"]: t["source"] for t in httpx.get(url + "/v1/tools").json()["data"]}
         assert listed["calc_add"] == "mcp:calc" and listed["read_file"] == "agent" and listed["shell"] == "agent"
+        _a_model_that_keeps_calling_is_bounded(openai.OpenAI(base_url=url + "/v1", api_key="none"))
     finally:
         proc.terminate()
         proc.wait(60)
     text = log.read_text()
     assert "tools from agent: read_file, list_dir" in text and "tools from mcp:calc: calc_add" in text
+
+
+def _a_model_that_keeps_calling_is_bounded(client):
+    """--max-tool-rounds 2: a model made to write the same call in every round (a one-choice output constraint)
+    has its calls run twice; the third output is not parsed for calls, and is the answer as written."""
+    call = '{"name": "calc_add", "arguments": {"a": 2, "b": 3}}'
+    kw = {
+        "model": client.models.list().data[0].id,
+        "messages": [{"role": "user", "content": "Add 2 and 3."}],
+        "max_tokens": 40,
+    }
+    extra = {"include_tool_calls": True, "structured_outputs": {"choice": [call]}}
+    reply = client.chat.completions.create(**kw, extra_body=extra)
+    choice = reply.choices[0]
+    assert [s["content"] for s in choice.message.model_extra["tool_steps"]] == ["5", "5"]
+    assert choice.message.content == call and not choice.message.tool_calls and choice.finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**kw, extra_body=extra, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert sum(len((d.model_extra or {}).get("tool_steps", [])) for d in deltas) == 2
+    assert "".join(d.content or "" for d in deltas).endswith(call) and chunks[-1].choices[0].finish_reason == "stop"

@@ -3,85 +3,164 @@
 Each round renders the conversation with every tool, generates, and runs the server's calls (off the event
 loop: a tool may take its whole timeout). The last round's output is the response; usage counts every round.
 With `include_tool_calls` (an extension) the message also lists the calls the server ran and their results
-(`tool_steps`). Streamed, the rounds run first and the answer comes in one content chunk: the text of a round
-is only known to be the answer once it ends without server calls.
+(`tool_steps`).
+
+Streamed, every round's content streams as it is generated (the output processor holds back only what may be
+a call). A round that ends in server calls is followed by one chunk carrying those steps (with
+`include_tool_calls`) and the next round's content; the round that ends without them ends the stream, with its
+calls for the client if it made any. An error after the stream has begun (a conversation grown past the
+context, the engine shutting down) comes as an `error` event before `[DONE]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 
 from starlette.responses import JSONResponse, StreamingResponse
 
-from jaxllm.errors import InvalidRequestError
+from jaxllm.errors import ContextLengthError, InvalidRequestError
 from jaxllm.outputs import CompletionOutput
-from jaxllm.serving.routes.chat_format import calls_of, choice_of
-from jaxllm.serving.routes.common import adapter_of, resolve_max_tokens, tracked, usage
+from jaxllm.serving.errors import error_body, status_of
+from jaxllm.serving.routes.chat_format import calls_of, choice_of, logprobs_entries
+from jaxllm.serving.routes.common import adapter_of, first_and_rest, resolve_max_tokens, tracked, usage
 from jaxllm.serving.sse import DONE, event
 from jaxllm.structured import tool_choice
 from jaxllm.structured.tool_calls import format_for
 from jaxllm.tools.loop import ToolLoop
 
+log = logging.getLogger(__name__)
 ROUNDS = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="jaxllm-tool-round")  # requests' tool rounds
 
 
-async def chat_with_server_tools(state, req, rid: str, base: dict, start: float):
-    llm = state.llm
-    if req.n != 1:
-        raise InvalidRequestError("n must be 1 when the server runs tools: each answer follows its own calls", "n")
-    messages = [m.as_template_dict() for m in req.messages]
-    loop = ToolLoop(llm.tools, messages, req.tools, req.tool_choice, llm.max_tool_rounds)
-    fmt = format_for(llm.tokenizer.chat_template)
-    prompt_tokens = completion_tokens = cached = 0
-    while True:
+class _Rounds:
+    """One request's rounds on the engine: `generate()` streams a round's deltas (collected into `out`), and
+    `take()` runs its server calls, True when another round follows. Usage adds up over the rounds."""
+
+    def __init__(self, state, req, rid: str, start: float):
+        self.state, self.req, self.rid, self.start = state, req, rid, start
+        llm = state.llm
+        messages = [m.as_template_dict() for m in req.messages]
+        self.loop = ToolLoop(llm.tools, messages, req.tools, req.tool_choice, llm.max_tool_rounds)
+        self.fmt = format_for(llm.tokenizer.chat_template)
+        self.prompt_tokens = self.completion_tokens = self.cached = 0
+        self.out = CompletionOutput(0, "", [], None, logprobs=[])
+
+    def generate(self):
+        """This round's deltas (an async iterator), after checking its prompt fits the context."""
+        llm, req, loop = self.state.llm, self.req, self.loop
         ids = llm.tokenizer.encode(
             llm.apply_chat_template(loop.template_messages(), tools=loop.tools), add_special_tokens=False
         )
         use_new = req.max_completion_tokens is not None
         param = "max_completion_tokens" if use_new else "max_tokens"
         requested = req.max_completion_tokens if use_new else req.max_tokens
-        params = req.sampling_params(
-            resolve_max_tokens(requested, len(ids), llm.max_model_len, param),
-            (req.top_logprobs or 0) if req.logprobs else None,
+        try:
+            max_tokens = resolve_max_tokens(requested, len(ids), llm.max_model_len, param)
+        except ContextLengthError as e:
+            if not loop.rounds:
+                raise
+            raise ContextLengthError(
+                f"with the results of {len(loop.steps)} tool calls the conversation is {len(ids)} tokens, which with "
+                f"{param} does not fit this model's {llm.max_model_len}-token context: ask for less, or use tools "
+                "whose results are shorter",
+                param=e.param,
+            ) from None
+        params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = tool_choice.forced(params, self.fmt, loop.tool_choice, loop.tools, req.parallel_tool_calls)
+        self.out = CompletionOutput(0, "", [], None, logprobs=[])
+        self.state.metrics.prompt_tokens.inc(len(ids))
+        self.prompt_tokens += len(ids)
+        gen = self.state.engine.generate(
+            ids,
+            params,
+            f"{self.rid}-{loop.rounds}",
+            adapter_of(self.state, req.model),
+            self.fmt if loop.parses_calls else None,
         )
-        params = tool_choice.forced(params, fmt, loop.tool_choice, loop.tools, req.parallel_tool_calls)
-        out = CompletionOutput(0, "", [], None, logprobs=[])
-        gen = state.engine.generate(
-            ids, params, f"{rid}-{loop.rounds}", adapter_of(state, req.model), fmt if loop.parses_calls else None
-        )
-        async for delta in tracked(state, gen, start):
-            out.add(delta)
-            cached = max(cached, delta.cached_tokens)
-        state.metrics.prompt_tokens.inc(len(ids))
-        prompt_tokens, completion_tokens = prompt_tokens + len(ids), completion_tokens + len(out.token_ids)
-        # On a pool of its own: a round may wait out a tool's timeout without taking the default pool's threads.
-        if not await asyncio.get_running_loop().run_in_executor(ROUNDS, loop.take, out.text, out.tool_calls or []):
+        return self._collected(tracked(self.state, gen, self.start))
+
+    async def _collected(self, stream):
+        async for delta in stream:
+            self.out.add(delta)
+            self.completion_tokens += len(delta.token_ids)
+            self.cached = max(self.cached, delta.cached_tokens)
+            yield delta
+
+    async def take(self) -> bool:
+        """Run the round's server calls (on a pool of their own: a round may wait out a tool's timeout without
+        taking the default pool's threads); True when another round follows."""
+        run = asyncio.get_running_loop().run_in_executor
+        return await run(ROUNDS, self.loop.take, self.out.text, self.out.tool_calls or [])
+
+    @property
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, self.completion_tokens, self.cached)
+
+
+async def chat_with_server_tools(state, req, rid: str, base: dict, start: float):
+    if req.n != 1:
+        raise InvalidRequestError("n must be 1 when the server runs tools: each answer follows its own calls", "n")
+    rounds = _Rounds(state, req, rid, start)
+    if req.stream:
+        first, rest = await first_and_rest(rounds.generate())  # the first round's errors are the response's
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = _events(state, rounds, base, first, rest, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream")
+    while True:
+        async for _ in rounds.generate():
+            pass
+        if not await rounds.take():
             break
-    choice = choice_of(out, req.logprobs)
+    choice = choice_of(rounds.out, req.logprobs)
     if req.include_tool_calls:
-        choice["message"]["tool_steps"] = [s.as_dict() for s in loop.steps]
-    used = usage(prompt_tokens, completion_tokens, cached)
+        choice["message"]["tool_steps"] = [s.as_dict() for s in rounds.loop.steps]
     state.metrics.requests.labels("200").inc()
-    if not req.stream:
-        return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": used})
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    events = _as_stream(base, choice, out, used if include_usage else None)
-    return StreamingResponse(events, media_type="text/event-stream")
+    return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": rounds.usage})
 
 
-async def _as_stream(base, choice, out, used):
+async def _events(state, rounds: _Rounds, base: dict, first, rest, include_usage: bool):
+    """The stream's chunks over every round (see the module docstring)."""
     chunk = {**base, "object": "chat.completion.chunk"}
-    delta = {"role": "assistant", "content": out.text if not out.tool_calls else (out.text or "")}
-    if "tool_steps" in choice["message"]:
-        delta["tool_steps"] = choice["message"]["tool_steps"]
-    yield event(
-        {**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": choice["logprobs"], "finish_reason": None}]}
-    )
-    last = {"tool_calls": calls_of(out.tool_calls, first_index=0)} if out.tool_calls else {}
-    yield event(
-        {**chunk, "choices": [{"index": 0, "delta": last, "logprobs": None, "finish_reason": choice["finish_reason"]}]}
-    )
-    if used is not None:
-        yield event({**chunk, "choices": [], "usage": used})
+    req = rounds.req
+
+    def choice(delta, lp=None, reason=None):
+        return event({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}]})
+
+    async def first_round():
+        if first is not None:
+            yield first
+        async for delta in rest:
+            yield delta
+
+    yield choice({"role": "assistant", "content": ""})
+    deltas = first_round()
+    try:
+        while True:
+            async for delta in deltas:
+                lp = {"content": logprobs_entries(delta.logprobs)} if req.logprobs and delta.logprobs else None
+                if delta.text or lp:
+                    yield choice({"content": delta.text} if delta.text else {}, lp)
+            ran = len(rounds.loop.steps)
+            if not await rounds.take():
+                break
+            if req.include_tool_calls:
+                yield choice({"tool_steps": [s.as_dict() for s in rounds.loop.steps[ran:]]})
+            deltas = rounds.generate()
+        out = rounds.out
+        last = {"tool_calls": calls_of(out.tool_calls, first_index=0)} if out.tool_calls else {}
+        yield choice(last, None, out.finish_reason)
+        if include_usage:
+            yield event({**chunk, "choices": [], "usage": rounds.usage})
+        state.metrics.requests.labels("200").inc()
+    except Exception as e:  # noqa: BLE001 — the response has begun: the error is an event of the stream
+        status, err_type = status_of(e)
+        if status == 500:
+            log.exception("a streamed chat with server tools failed")
+        message = "internal server error" if status == 500 else str(e)
+        state.metrics.requests.labels(str(status)).inc()
+        yield event(error_body(message, err_type, getattr(e, "param", None)))
+    finally:
+        await deltas.aclose()
     yield DONE
