@@ -111,6 +111,9 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int):
         """Token ids in logit_bias and stop_token_ids must exist in the vocabulary."""
-        for tok in list(self.logit_bias) + self.stop_token_ids:
-            if not 0 <= tok < vocab_size:
-                raise InvalidSamplingParamsError(f"token id {tok} is outside the vocabulary [0, {vocab_size})")
+        for name, toks in (("logit_bias", list(self.logit_bias)), ("stop_token_ids", self.stop_token_ids)):
+            for tok in toks:
+                if not 0 <= tok < vocab_size:
+                    raise InvalidSamplingParamsError(
+                        f"{name}: token id {tok} is outside the vocabulary [0, {vocab_size})", param=name
+                    )

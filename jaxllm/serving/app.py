@@ -9,6 +9,7 @@ import logging
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -34,9 +35,11 @@ def create_app(
     shutdown_timeout: float = 30.0,
     warmup: bool = True,
     warmup_progress: bool = False,
+    allowed_origins: list[str] | None = None,
 ) -> Starlette:
     """An OpenAI-compatible app serving `llm`; the engine thread lives as long as the app's lifespan. `warmup`:
-    compile every step shape before /health turns 200 (with a progress bar on stderr when `warmup_progress`)."""
+    compile every step shape before /health turns 200 (with a progress bar on stderr when `warmup_progress`).
+    allowed_origins: the browser origins allowed to call the API (CORS; "*" for any; default none)."""
     names = served_model_name or [llm.loaded.name]
     state = ServerState(
         llm, None, [names] if isinstance(names, str) else list(names), Metrics(), max_body_bytes, api_key
@@ -72,6 +75,7 @@ def create_app(
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
         Route("/v1/completions", completions.completions, methods=["POST"]),
         Route("/v1/models", info.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", info.model, methods=["GET"]),
         Route("/v1/tools", info.tools, methods=["GET"]),
         Route("/tokenize", tokenize.tokenize, methods=["POST"]),
         Route("/detokenize", tokenize.detokenize, methods=["POST"]),
@@ -98,6 +102,14 @@ def create_app(
     app.state.server = state
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=on_error)
+    if allowed_origins:  # outermost: a preflight is answered before the key is asked for, as browsers expect
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=allowed_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "OpenAI-Organization", "OpenAI-Project"],
+            max_age=600,
+        )
     return app
 
 

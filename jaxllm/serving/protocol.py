@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from jaxllm.errors import InvalidRequestError
 from jaxllm.sampling_params import SamplingParams
@@ -39,6 +39,9 @@ class StructuredOutputs(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
 
+TokenKey = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")]  # a token id as a JSON object key
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -51,7 +54,7 @@ class _Request(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[TokenKey, Annotated[float, Field(ge=-100, le=100)]] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False

@@ -68,6 +68,13 @@ def add_parser(sub, positive) -> None:
         "Pallas one on a GPU once it passes its check at start)",
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument(
+        "--allowed-origins",
+        type=lambda s: [o.strip() for o in s.split(",") if o.strip()],
+        default=None,
+        metavar="ORIGIN,...",
+        help="browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or '*' (default: none)",
+    )
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")
     p.add_argument("--chat-template", default=None, metavar="FILE")
     p.add_argument(
@@ -246,6 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         warmup=not args.no_warmup,
         warmup_progress=True,
+        allowed_origins=args.allowed_origins,
     )
     uvicorn.run(
         app,

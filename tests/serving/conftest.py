@@ -49,8 +49,11 @@ def server(smollm2):
 
 @pytest.fixture(scope="session")
 def small_server(smollm2):
-    """One slot, a waiting queue of one, an API key: for limits, auth, disconnects and shutdown states."""
+    """One slot, a waiting queue of one, an API key, one allowed browser origin: for limits, auth, CORS,
+    disconnects and shutdown states."""
     llm = LLM(loaded=smollm2.loaded, max_num_seqs=1, max_model_len=1024, max_waiting=1)
-    app = create_app(llm, served_model_name="smollm2", api_key="sekrit", warmup=False)
+    app = create_app(
+        llm, served_model_name="smollm2", api_key="sekrit", warmup=False, allowed_origins=["http://localhost:3000"]
+    )
     with RunningServer(app) as s:
         yield s

@@ -112,6 +112,9 @@ MSG = [{"role": "user", "content": "Hi"}]
         ({"model": "smollm2", "messages": MSG, "max_tokens": -3}, 400, "max_tokens", None),
         ({"model": "smollm2", "messages": MSG, "max_tokens": 5000}, 400, "max_tokens", "context_length_exceeded"),
         ({"model": "gpt-17", "messages": MSG}, 404, "model", "model_not_found"),
+        ({"model": "smollm2", "messages": MSG, "logit_bias": {"abc": 1}}, 400, "logit_bias", None),
+        ({"model": "smollm2", "messages": MSG, "logit_bias": {"5": 500}}, 400, "logit_bias.5", None),
+        ({"model": "smollm2", "messages": MSG, "logit_bias": {"999999": 1}}, 400, "logit_bias", None),
     ],
 )
 def test_errors_are_openai_objects_and_the_server_keeps_serving(server, body, status, param, code):
@@ -121,6 +124,27 @@ def test_errors_are_openai_objects_and_the_server_keeps_serving(server, body, st
     assert err["message"] and err["type"] and err["param"] == param and err["code"] == code
     ok = _post(server, "/v1/chat/completions", {"model": "smollm2", "messages": MSG, "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_one_model_by_its_id(server, client):
+    assert client.models.retrieve("smollm2").id == "smollm2"
+    r = httpx.get(server.url + "/v1/models/gpt-17")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_cors_preflight_is_answered_for_allowed_origins_only(server, small_server):
+    ask = {"access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"}
+    url = small_server.url + "/v1/chat/completions"
+    ok = httpx.options(url, headers={"origin": "http://localhost:3000", **ask})  # no API key: preflights carry none
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "POST" in ok.headers["access-control-allow-methods"]
+    assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+    assert httpx.options(url, headers={"origin": "http://evil.example", **ask}).status_code == 400
+    body = {"model": "smollm2", "messages": MSG, "max_tokens": 2}
+    headers = {"authorization": "Bearer sekrit", "origin": "http://localhost:3000"}
+    assert _post(small_server, "/v1/chat/completions", body, headers).headers["access-control-allow-origin"]
+    default = httpx.options(server.url + "/v1/chat/completions", headers={"origin": "http://localhost:3000", **ask})
+    assert default.status_code == 405 and "access-control-allow-origin" not in default.headers  # none by default
 
 
 def test_oversized_body_is_413(server):

@@ -51,13 +51,21 @@ async def parse_body(request: Request, state: ServerState, model: type[BaseModel
     try:
         req = model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise InvalidRequestError(f"{param}: {err['msg']}", param=param) from None
+        raise InvalidRequestError(*_described(e.errors()[0])) from None
     served = state.model_names + state.llm.lora_names
     if req.model is not None and req.model not in served:  # (optional only for the tokenizer routes)
         raise ModelMismatchError(f"the model {req.model!r} does not exist; this server has {served}", param="model")
     return req
+
+
+def _described(err: dict) -> tuple[str, str | None]:
+    """(message, param) of a validation error; a bad key of an object names the object and the key."""
+    loc = [str(p) for p in err["loc"]]
+    if loc and loc[-1] == "[key]":
+        param = ".".join(loc[:-2]) or None
+        return f"{param}: key {loc[-2]!r}: {err['msg']}", param
+    param = ".".join(loc) or None
+    return f"{param}: {err['msg']}", param
 
 
 def adapter_of(state: ServerState, model: str | None) -> str | None:

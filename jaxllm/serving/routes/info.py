@@ -8,19 +8,36 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from jaxllm.engine.async_engine import EngineStats
+from jaxllm.errors import ModelMismatchError
 from jaxllm.serving.errors import error_body
 from jaxllm.serving.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 CREATED = int(time.time())
 
 
-async def models(request: Request):
-    state = request.app.state.server
+def model_cards(state) -> list[dict]:
+    """The served models as OpenAI model objects: the names, then each LoRA adapter (a model on the base)."""
     data = [{"id": name, "object": "model", "created": CREATED, "owned_by": "jaxllm"} for name in state.model_names]
     base = state.model_names[0]
-    for name in state.llm.lora_names:  # adapters are models of their own, on the base model
+    for name in state.llm.lora_names:
         data.append({"id": name, "object": "model", "created": CREATED, "owned_by": "jaxllm", "parent": base})
-    return JSONResponse({"object": "list", "data": data})
+    return data
+
+
+async def models(request: Request):
+    return JSONResponse({"object": "list", "data": model_cards(request.app.state.server)})
+
+
+async def model(request: Request):
+    """GET /v1/models/{id}: one served model (or adapter), 404 for any other name."""
+    state = request.app.state.server
+    name = request.path_params["model_id"]
+    for card in model_cards(state):
+        if card["id"] == name:
+            return JSONResponse(card)
+    raise ModelMismatchError(
+        f"the model {name!r} does not exist; this server has {state.model_names + state.llm.lora_names}"
+    )
 
 
 async def tools(request: Request):
