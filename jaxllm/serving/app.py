@@ -19,7 +19,8 @@ from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.errors import JaxLLMError
 from jaxllm.serving.errors import AuthenticationError, error_body, error_response, status_of
 from jaxllm.serving.metrics import Metrics
-from jaxllm.serving.routes import chat, completions, info, tokenize
+from jaxllm.serving.response_store import ResponseStore
+from jaxllm.serving.routes import chat, completions, info, responses, tokenize
 from jaxllm.serving.routes.common import ServerState
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,17 @@ def create_app(
     warmup: bool = True,
     warmup_progress: bool = False,
     allowed_origins: list[str] | None = None,
+    responses_db: str | None = None,
 ) -> Starlette:
     """An OpenAI-compatible app serving `llm`; the engine thread lives as long as the app's lifespan. `warmup`:
     compile every step shape before /health turns 200 (with a progress bar on stderr when `warmup_progress`).
-    allowed_origins: the browser origins allowed to call the API (CORS; "*" for any; default none)."""
+    allowed_origins: the browser origins allowed to call the API (CORS; "*" for any; default none).
+    responses_db: the SQLite file that keeps stored responses across restarts (default: in memory)."""
     names = served_model_name or [llm.loaded.name]
     state = ServerState(
         llm, None, [names] if isinstance(names, str) else list(names), Metrics(), max_body_bytes, api_key
     )
+    state.responses = ResponseStore(responses_db)
 
     def prepare() -> None:
         """Compile every step shape the engine will run, then start the engine thread (off the event loop:
@@ -70,10 +74,14 @@ def create_app(
             await starting
             await state.engine.shutdown(shutdown_timeout)
             await asyncio.to_thread(llm.close)  # the leader of a process group lets its followers go
+            state.responses.close()
 
     routes = [
         Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
         Route("/v1/completions", completions.completions, methods=["POST"]),
+        Route("/v1/responses", responses.create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses.get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", responses.delete_response, methods=["DELETE"]),
         Route("/v1/models", info.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", info.model, methods=["GET"]),
         Route("/v1/tools", info.tools, methods=["GET"]),

@@ -75,6 +75,12 @@ def add_parser(sub, positive) -> None:
         metavar="ORIGIN,...",
         help="browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or '*' (default: none)",
     )
+    p.add_argument(
+        "--responses-db",
+        default=None,
+        metavar="FILE",
+        help="SQLite file keeping stored responses (/v1/responses) across restarts (default: in memory)",
+    )
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the model's)")
     p.add_argument("--chat-template", default=None, metavar="FILE")
     p.add_argument(
@@ -195,6 +201,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from jaxllm.tools.mcp import load_config
 
         load_config(args.mcp_config)  # a mistake in it stops the start before the model loads
+    if args.responses_db:
+        from jaxllm.serving.response_store import ResponseStore
+
+        ResponseStore(args.responses_db).close()  # an unusable file stops the start before the model loads
     group = cluster(args)
     if group is not None:
         from jaxllm import distributed
@@ -254,6 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         warmup_progress=True,
         allowed_origins=args.allowed_origins,
+        responses_db=args.responses_db,
     )
     uvicorn.run(
         app,

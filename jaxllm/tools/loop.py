@@ -74,8 +74,9 @@ class ToolLoop:
 
     @property
     def parses_calls(self) -> bool:
-        """Whether this round's output is parsed for calls (not once `max_rounds` rounds have run)."""
-        return self.rounds < self.max_rounds and self.tool_choice != "none"
+        """Whether this round's output is parsed for calls (not with no tool to call, nor once `max_rounds`
+        rounds have run)."""
+        return bool(self.tools) and self.rounds < self.max_rounds and self.tool_choice != "none"
 
     def take(self, text: str, calls: list) -> bool:
         """Given a round's output (its content and parsed calls), run its server calls and record them in the

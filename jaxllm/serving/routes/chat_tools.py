@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 ROUNDS = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="jaxllm-tool-round")  # requests' tool rounds
 
 
-class _Rounds:
-    """One request's rounds on the engine: `generate()` streams a round's deltas (collected into `out`), and
+class ChatRounds:
+    """One chat request's rounds (one round when no tool the server runs is called; the Responses route uses it
+    too) on the engine: `generate()` streams a round's deltas (collected into `out`), and
     `take()` runs its server calls, True when another round follows. Usage adds up over the rounds."""
 
     def __init__(self, state, req, rid: str, start: float):
@@ -102,7 +103,7 @@ class _Rounds:
 async def chat_with_server_tools(state, req, rid: str, base: dict, start: float):
     if req.n != 1:
         raise InvalidRequestError("n must be 1 when the server runs tools: each answer follows its own calls", "n")
-    rounds = _Rounds(state, req, rid, start)
+    rounds = ChatRounds(state, req, rid, start)
     if req.stream:
         first, rest = await first_and_rest(rounds.generate())  # the first round's errors are the response's
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -120,7 +121,7 @@ async def chat_with_server_tools(state, req, rid: str, base: dict, start: float)
     return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": rounds.usage})
 
 
-async def _events(state, rounds: _Rounds, base: dict, first, rest, include_usage: bool):
+async def _events(state, rounds: ChatRounds, base: dict, first, rest, include_usage: bool):
     """The stream's chunks over every round (see the module docstring)."""
     chunk = {**base, "object": "chat.completion.chunk"}
     req = rounds.req

@@ -17,6 +17,7 @@ from jaxllm.engine.async_engine import AsyncEngine, StreamOutput
 from jaxllm.errors import ContextLengthError, EngineShutdownError, InvalidRequestError, ModelMismatchError
 from jaxllm.serving.errors import BodyTooLargeError
 from jaxllm.serving.metrics import Metrics
+from jaxllm.serving.response_store import ResponseStore
 
 
 @dataclasses.dataclass
@@ -28,6 +29,7 @@ class ServerState:
     max_body_bytes: int
     api_key: str | None = None
     ready: bool = False
+    responses: ResponseStore | None = None  # stored responses (the Responses API)
 
 
 async def parse_body(request: Request, state: ServerState, model: type[BaseModel]):
@@ -51,16 +53,31 @@ async def parse_body(request: Request, state: ServerState, model: type[BaseModel
     try:
         req = model.model_validate(data)
     except ValidationError as e:
-        raise InvalidRequestError(*_described(e.errors()[0])) from None
+        raise InvalidRequestError(*described(e.errors())) from None
     served = state.model_names + state.llm.lora_names
     if req.model is not None and req.model not in served:  # (optional only for the tokenizer routes)
         raise ModelMismatchError(f"the model {req.model!r} does not exist; this server has {served}", param="model")
     return req
 
 
-def _described(err: dict) -> tuple[str, str | None]:
-    """(message, param) of a validation error; a bad key of an object names the object and the key."""
-    loc = [str(p) for p in err["loc"]]
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal", "json-or-python"}
+
+
+def described(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) of a validation failure: its most specific error (a union's members each report one;
+    the member's name is not part of the field's path). A bad key of an object names the object and the key."""
+
+    def path(err) -> list[str]:
+        return [
+            str(p)
+            for p in err["loc"]
+            if isinstance(p, int)
+            or p == "[key]"
+            or not (p in _TYPE_TAGS or "[" in p or p[:1].isupper() or p.startswith("function-"))
+        ]
+
+    err = max(errors, key=lambda e: len(path(e)))
+    loc = path(err)
     if loc and loc[-1] == "[key]":
         param = ".".join(loc[:-2]) or None
         return f"{param}: key {loc[-2]!r}: {err['msg']}", param
