@@ -142,6 +142,8 @@ class LLM:
             data_parallel=data_parallel,
         )
         dtype = self.loaded.dtype
+        self._source = None if loaded is not None else model  # where embeddings look for a pooling config
+        self._embedding = None  # built on the first `embed`
         self.config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.max_model_len = max_model_len or min(self.config.max_position_embeddings, 8192)
         self.runner = ModelRunner(
@@ -297,7 +299,7 @@ class LLM:
         for (text, ids), p, a, fmt in zip(encoded, plist, adapters, formats, strict=True):
             seqs = self.engine.add_request(ids, p, lora=a)
             self.outputs.add(seqs, fmt)
-            results[seqs[0].request_id] = _request_output(seqs, text)
+            results[seqs[0].request_id] = request_output(seqs, text)
         bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm or len(prompts) < 2)
         unfinished = {rid: len(r.outputs) for rid, r in results.items()}  # each sequence finishes once
         try:
@@ -318,6 +320,21 @@ class LLM:
         finally:
             bar.close()
         return list(results.values())
+
+    # ---- embeddings -----------------------------------------------------------------------------
+    def embed(self, inputs, dimensions: int | None = None, pooling: str | None = None):
+        """One vector per input (strings, encoded as `generate` does, or token-id lists used as given): the
+        final hidden states (after the final norm), pooled and normalised as the model folder's
+        sentence-transformers `modules.json` says (without one: the last token, normalised). pooling: another
+        mode ('mean', 'lasttoken', 'cls', 'max', ...), normalised; dimensions: keep that many components,
+        normalised again. Returns a `jaxllm.embeddings.EmbeddingResult`; an input over max_model_len raises
+        `ContextLengthError`."""
+        from jaxllm.embeddings import DecoderEmbedding, input_list
+
+        if self._embedding is None:
+            self._embedding = DecoderEmbedding.for_model(self.loaded, self._source)
+        ids = [self._encode(x)[1] for x in input_list(inputs)]
+        return self._embedding.embed(self.params, ids, self.max_model_len, dimensions, pooling)
 
     # ---- scoring --------------------------------------------------------------------------------
     def score(self, contexts, continuations, use_tqdm: bool = False) -> list[Score]:
@@ -443,7 +460,7 @@ class LLM:
         return self.stream(self.apply_chat_template(messages), params, lora)
 
 
-def _request_output(seqs, prompt_text) -> RequestOutput:
+def request_output(seqs, prompt_text) -> RequestOutput:
     """An empty output for a request's sequences, to which their deltas add up."""
     outs = [CompletionOutput(s.index, "", [], None, None, [] if s.params.logprobs is not None else None) for s in seqs]
     return RequestOutput(seqs[0].request_id, prompt_text, seqs[0].prompt_ids, outs, True)

@@ -1,5 +1,5 @@
-"""The `jaxllm` command: `generate` (one prompt or a JSONL batch), `run` (a chat REPL), `serve`, `perplexity`
-and `bench`.
+"""The `jaxllm` command: `generate` (one prompt or a JSONL batch), `batch` (a resumable JSONL job), `run` (a
+chat REPL), `serve`, `perplexity` and `bench`.
 
 Every error jaxllm raises on purpose is printed as one `error: ...` line on stderr with exit status 2.
 Arguments and JSONL requests are validated before the model is loaded, so mistakes fail fast.
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from jaxllm import compile_cache
-from jaxllm.chat_template import validate_messages
+from jaxllm.batch.job import run_job
 from jaxllm.cli_options import (
     add_distributed_arguments,
     add_parallel_arguments,
@@ -30,7 +30,6 @@ from jaxllm.errors import InvalidRequestError, JaxLLMError
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.serving import serve_command
 
-PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 FLAG_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop")
 REPL_HELP = """commands:
   /help            show this help
@@ -40,10 +39,14 @@ REPL_HELP = """commands:
   /temperature X   set the sampling temperature"""
 
 
+def _flags(args) -> dict:
+    """The sampling flags that were given, as SamplingParams keywords."""
+    return {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
+
+
 def _params(args, **overrides) -> SamplingParams:
     """SamplingParams from the sampling flags that were given (others keep their defaults), then overrides."""
-    given = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
-    return SamplingParams(**{**given, **overrides})
+    return SamplingParams(**{**_flags(args), **overrides})
 
 
 def _load(args):
@@ -70,75 +73,9 @@ def _load(args):
     return llm
 
 
-# ---- generate ------------------------------------------------------------------------------------
-def read_requests(path: str, args) -> list[dict]:
-    """Validate a JSONL file into [{'id', 'prompt' or 'messages', 'params'}] (blank lines skipped)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidRequestError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    requests = []
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            requests.append(_parse_line(line, lineno, path, args))
-    if not requests:
-        raise InvalidRequestError(f"{path} has no requests: write one JSON object per line")
-    return requests
-
-
-def _parse_line(line: str, lineno: int, path: str, args) -> dict:
-    def bad(msg):
-        raise InvalidRequestError(f"{path} line {lineno}: {msg}")
-
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        bad(f"invalid JSON ({e.msg} at column {e.colno})")
-    if not isinstance(obj, dict):
-        bad("expected a JSON object")
-    unknown = sorted(set(obj) - PARAM_FIELDS - {"id", "prompt", "messages"})
-    if unknown:
-        bad(f"unknown field {unknown[0]!r}")
-    if ("prompt" in obj) == ("messages" in obj):
-        bad("give exactly one of 'prompt' (a string) or 'messages' (a chat list)")
-    if "prompt" in obj and (not isinstance(obj["prompt"], str) or not obj["prompt"]):
-        bad("'prompt' must be a non-empty string")
-    if "messages" in obj:
-        try:
-            validate_messages(obj["messages"])
-        except JaxLLMError as e:
-            bad(str(e))
-    try:
-        params = _params(args, **{k: v for k, v in obj.items() if k in PARAM_FIELDS})
-    except (JaxLLMError, TypeError, ValueError, AttributeError) as e:
-        bad(f"bad sampling value: {e}")
-    return {"id": obj.get("id", lineno), "prompt": obj.get("prompt"), "messages": obj.get("messages"), "params": params}
-
-
-def _record(req: dict, out) -> dict:
-    choices = []
-    for c in out.outputs:
-        choice = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "token_ids": c.token_ids}
-        if c.logprobs is not None:
-            choice["logprobs"] = [dataclasses.asdict(lp) for lp in c.logprobs]
-        choices.append(choice)
-    u = out.usage
-    return {
-        "id": req["id"],
-        "text": choices[0]["text"],
-        "finish_reason": choices[0]["finish_reason"],
-        "token_ids": choices[0]["token_ids"],
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens,
-        },
-    }
-
-
+# ---- generate and batch ----------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    """One prompt to stdout, or a JSONL batch to --output (or stdout) in one batched generate call."""
+    """One prompt to stdout, or a JSONL batch to --output (or stdout), in input order, stopping at a bad line."""
     if args.input is None:
         if args.prompt is None:
             raise InvalidRequestError("give a PROMPT or --input requests.jsonl")
@@ -156,23 +93,24 @@ def cmd_generate(args) -> int:
         raise InvalidRequestError("give either a PROMPT or --input, not both")
     if args.chat:
         raise InvalidRequestError("--chat is for a single PROMPT: in JSONL use 'messages' lines instead")
-    requests = read_requests(args.input, args)
-    if args.output is not None and not Path(args.output).resolve().parent.is_dir():
-        raise InvalidRequestError(f"cannot write {args.output}: its folder does not exist")
-    llm = _load(args)
-    prompts = [r["prompt"] if r["prompt"] is not None else llm.apply_chat_template(r["messages"]) for r in requests]
-    outs = llm.generate(prompts, [r["params"] for r in requests])
-    records = (_record(r, o) for r, o in zip(requests, outs, strict=True))
-    text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
-    if args.output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        try:
-            Path(args.output).write_text(text, encoding="utf-8")
-        except OSError as e:
-            raise InvalidRequestError(f"cannot write {args.output}: {e.strerror}") from None
-    return 0
+    return run_job(
+        args.input, lambda: _load(args), _flags(args), args.output, strict=True, overwrite=True, ordered=True
+    )
+
+
+def cmd_batch(args) -> int:
+    """A JSONL file of requests (ours or OpenAI batch lines) streamed through the engine, records streamed out
+    as requests finish; resumable, and a bad line is an error record unless --strict."""
+    return run_job(
+        args.input,
+        lambda: _load(args),
+        _flags(args),
+        args.output,
+        args.errors,
+        resume=args.resume,
+        strict=args.strict,
+        window=args.window,
+    )
 
 
 # ---- run -----------------------------------------------------------------------------------------
@@ -278,17 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_parallel_arguments(common)
     add_distributed_arguments(common)
 
-    parser = argparse.ArgumentParser(prog="jaxllm", description="A JAX/XLA inference engine for LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,run,serve,perplexity,bench}")
-    gen = sub.add_parser("generate", parents=[common], help="complete one prompt or a JSONL batch")
-    gen.add_argument("prompt", nargs="?", default=None, metavar="PROMPT")
+    sampling = argparse.ArgumentParser(add_help=False)
     for flag, typ in (("--top-p", float), ("--top-k", int), ("--min-p", float), ("--seed", int)):
-        gen.add_argument(flag, type=typ, default=None)
-    gen.add_argument("--stop", nargs="+", default=None, metavar="STR", help="stop strings")
+        sampling.add_argument(flag, type=typ, default=None)
+    sampling.add_argument("--stop", nargs="+", default=None, metavar="STR", help="stop strings")
+
+    parser = argparse.ArgumentParser(prog="jaxllm", description="A JAX/XLA inference engine for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,run,serve,perplexity,bench}")
+    gen = sub.add_parser("generate", parents=[common, sampling], help="complete one prompt or a JSONL batch")
+    gen.add_argument("prompt", nargs="?", default=None, metavar="PROMPT")
     gen.add_argument("--chat", action="store_true", help="send PROMPT as one user message of a chat")
     gen.add_argument("--input", default=None, metavar="FILE", help="a JSONL file of requests")
     gen.add_argument("--output", default=None, metavar="FILE", help="JSONL results file (default stdout)")
     gen.set_defaults(func=cmd_generate)
+    add_batch_parser(sub, [common, sampling])
     run = sub.add_parser("run", parents=[common], help="chat interactively")
     run.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
     run.set_defaults(func=cmd_run)
@@ -304,6 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=cmd_perplexity)
     sub.add_parser("bench", help="run scripts/bench.py (all arguments go to it)", add_help=False)
     return parser
+
+
+def add_batch_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "batch",
+        parents=parents,
+        help="run a JSONL file of requests (ours or OpenAI Batch API lines), resumable",
+        description="Run a JSONL file of requests: our lines (id, prompt or messages, sampling fields) or OpenAI "
+        "Batch API lines (custom_id, method, url, body). Records are written as each request finishes; a line "
+        "that cannot run gets an error record. The sampling flags fill what a line leaves unset; a body's model "
+        "may name anything: the loaded model runs it (or the LoRA adapter of that name).",
+    )
+    p.add_argument("--input", required=True, metavar="FILE", help="the JSONL file of requests")
+    p.add_argument("--output", required=True, metavar="FILE", help="the JSONL file of results")
+    p.add_argument("--errors", default=None, metavar="FILE", help="error records go here (default: to --output)")
+    p.add_argument("--resume", action="store_true", help="skip the requests --output/--errors answer; append")
+    p.add_argument("--strict", action="store_true", help="stop at the first line that cannot run (exit status 2)")
+    p.add_argument(
+        "--window", type=_positive, default=None, metavar="N", help="requests in flight at most (default 4 x seqs)"
+    )
+    p.set_defaults(func=cmd_batch)
 
 
 def _one_line(e: BaseException) -> str:

@@ -124,7 +124,11 @@ class Engine:
             raise ContextLengthError(
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len}: shorten it"
             )
-        params.check_vocab(self.cfg.vocab_size)
+        vocab = self.cfg.vocab_size
+        if not all(0 <= t < vocab for t in prompt_ids):
+            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        params.check_vocab(vocab)
         if params.structured is not None:
             self.grammars.compile(params.structured)  # a bad schema, regex or grammar: its error, before queueing
         if params.prompt_logprobs is not None and not self.mixed_step:

@@ -15,12 +15,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from jaxllm.api import LLM
+from jaxllm.embeddings import Embedder
 from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.errors import JaxLLMError
 from jaxllm.serving.errors import AuthenticationError, error_body, error_response, status_of
 from jaxllm.serving.metrics import Metrics
 from jaxllm.serving.response_store import ResponseStore
-from jaxllm.serving.routes import chat, completions, info, responses, tokenize
+from jaxllm.serving.routes import chat, completions, embeddings, info, responses, tokenize
 from jaxllm.serving.routes.common import ServerState
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ OPEN_PATHS = ("/health", "/metrics", "/openapi.json")
 
 
 def create_app(
-    llm: LLM,
+    llm: LLM | Embedder,
     *,
     served_model_name: str | list[str] | None = None,
     api_key: str | None = None,
@@ -39,19 +40,30 @@ def create_app(
     allowed_origins: list[str] | None = None,
     responses_db: str | None = None,
 ) -> Starlette:
-    """An OpenAI-compatible app serving `llm`; the engine thread lives as long as the app's lifespan. `warmup`:
-    compile every step shape before /health turns 200 (with a progress bar on stderr when `warmup_progress`).
+    """An OpenAI-compatible app serving `llm` (or an encoder `Embedder`, for /v1/embeddings only); the engine
+    thread lives as long as the app's lifespan. `warmup`: compile every step shape before /health turns 200
+    (with a progress bar on stderr when `warmup_progress`).
     allowed_origins: the browser origins allowed to call the API (CORS; "*" for any; default none).
     responses_db: the SQLite file that keeps stored responses across restarts (default: in memory)."""
-    names = served_model_name or [llm.loaded.name]
+    embedder = llm if isinstance(llm, Embedder) else None
+    names = served_model_name or [llm.name if embedder else llm.loaded.name]
     state = ServerState(
-        llm, None, [names] if isinstance(names, str) else list(names), Metrics(), max_body_bytes, api_key
+        None if embedder else llm,
+        None,
+        [names] if isinstance(names, str) else list(names),
+        Metrics(),
+        max_body_bytes,
+        api_key,
+        embedder=embedder,
     )
     state.responses = ResponseStore(responses_db)
 
     def prepare() -> None:
         """Compile every step shape the engine will run, then start the engine thread (off the event loop:
-        /health says 503 meanwhile)."""
+        /health says 503 meanwhile). An embedding model has no engine: it is ready at once."""
+        if embedder is not None:
+            state.ready = True
+            return
         engine = AsyncEngine(llm.engine)
         if warmup:
             engine.engine.reserve(llm.engine.max_num_seqs, llm.max_model_len)
@@ -72,8 +84,9 @@ def create_app(
         finally:
             state.ready = False
             await starting
-            await state.engine.shutdown(shutdown_timeout)
-            await asyncio.to_thread(llm.close)  # the leader of a process group lets its followers go
+            if embedder is None:
+                await state.engine.shutdown(shutdown_timeout)
+                await asyncio.to_thread(llm.close)  # the leader of a process group lets its followers go
             state.responses.close()
 
     routes = [
@@ -82,6 +95,7 @@ def create_app(
         Route("/v1/responses", responses.create_response, methods=["POST"]),
         Route("/v1/responses/{response_id}", responses.get_response, methods=["GET"]),
         Route("/v1/responses/{response_id}", responses.delete_response, methods=["DELETE"]),
+        Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
         Route("/v1/models", info.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", info.model, methods=["GET"]),
         Route("/v1/tools", info.tools, methods=["GET"]),

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from jaxllm.errors import InvalidRequestError
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class JsonSchemaFormat(BaseModel):
@@ -40,25 +40,31 @@ class StructuredOutputs(BaseModel):
 
 
 TokenKey = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")]  # a token id as a JSON object key
+StopText = Annotated[str, StringConstraints(min_length=1)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+MAX_N = 128  # completions per request (OpenAI's limit)
 
 
 class _Request(BaseModel):
+    """What chat and text completions share. The bounds are the engine's (`SamplingParams`), so that the
+    published schema (/openapi.json) accepts exactly what the server does."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    temperature: float | None = Field(default=None, ge=0, le=100)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, lt=2**31)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=1e6)
     logit_bias: dict[TokenKey, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    stop: StopText | list[StopText] | None = None
     stream: bool = False
-    min_tokens: int = 0  # extensions beyond OpenAI's schema, as vLLM offers them
+    min_tokens: int = Field(default=0, ge=0)  # extensions beyond OpenAI's schema, as vLLM offers them
     ignore_eos: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -155,10 +161,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
@@ -166,9 +172,9 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(default=16, ge=0)  # 0 with echo: score the prompt only
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
 
 
@@ -178,7 +184,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
@@ -205,7 +211,7 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 _Request.model_rebuild()

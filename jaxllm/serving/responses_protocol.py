@@ -98,7 +98,7 @@ class ResponsesRequest(BaseModel):
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, lt=2**31)
     seed: int | None = None
     logit_bias: dict[TokenKey, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: bool = False

@@ -186,6 +186,36 @@ def default_token_budget() -> int:
     return 256 if jax.default_backend() == "cpu" else 2048
 
 
+def serve_embedder(args: argparse.Namespace, log: logging.Logger) -> int:
+    """`jaxllm serve` of an encoder folder: /v1/embeddings only (generation routes answer 400)."""
+    import uvicorn
+
+    from jaxllm.embeddings import Embedder
+    from jaxllm.serving.app import create_app
+
+    generation_only = {
+        "--lora": args.lora,
+        "--enable-agent-tools": args.enable_agent_tools,
+        "--mcp-config": args.mcp_config,
+        "--coordinator-address": args.coordinator_address,
+    }
+    for flag, given in generation_only.items():
+        if given:
+            raise InvalidRequestError(f"{args.model} is an embedding model: {flag} needs a model that generates")
+    embedder = Embedder.load(args.model)
+    dims = (embedder.name, embedder.dim, embedder.max_model_len)
+    log.info("embedding model %s: %d dimensions, inputs up to %d tokens; serving /v1/embeddings only", *dims)
+    app = create_app(
+        embedder,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        allowed_origins=args.allowed_origins,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -196,6 +226,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     compile_cache.enable()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger(__name__)
+    from jaxllm.embeddings import is_encoder_model
+
+    if args.model and is_encoder_model(args.model):
+        return serve_embedder(args, log)
     tools = server_tools(args, log)
     if args.mcp_config:
         from jaxllm.tools.mcp import load_config

@@ -96,7 +96,8 @@ def test_streamed_each_round_streams_live_with_the_steps_between(client):
 
 def test_a_result_that_floods_the_context_is_a_clear_error_streamed_or_not(client):
     force = {"type": "function", "function": {"name": "get_report"}}
-    with pytest.raises(openai.BadRequestError, match="results of 1 tool calls the conversation is .* 1024-token"):
+    flooded = "results of 1 tool calls the conversation no longer fits .* 1024-token"
+    with pytest.raises(openai.BadRequestError, match=flooded):
         _ask(client, tool_choice=force)
     chunks = []
     with pytest.raises(openai.APIError, match="results of 1 tool calls"):  # the stream had begun: an error event

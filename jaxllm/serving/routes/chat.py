@@ -14,16 +14,14 @@ from jaxllm.serving.routes.chat_format import calls_of, choice_of, logprobs_entr
 from jaxllm.serving.routes.chat_tools import chat_with_server_tools
 from jaxllm.serving.routes.common import (
     adapter_of,
+    chat_inputs,
     first_and_rest,
     parse_body,
     request_id,
-    resolve_max_tokens,
     tracked,
     usage,
 )
 from jaxllm.serving.sse import DONE, event
-from jaxllm.structured import tool_choice
-from jaxllm.structured.tool_calls import format_for
 
 
 async def chat_completions(request: Request):
@@ -36,16 +34,8 @@ async def chat_completions(request: Request):
     if len(llm.tools):
         base = {"id": request_id("chatcmpl"), "created": int(time.time()), "model": req.model}
         return await chat_with_server_tools(state, req, base["id"], base, start)
-    prompt = llm.apply_chat_template([m.as_template_dict() for m in req.messages], tools=req.tools)
-    ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
-    use_new = req.max_completion_tokens is not None
-    param = "max_completion_tokens" if use_new else "max_tokens"
-    max_tokens = resolve_max_tokens(
-        req.max_completion_tokens if use_new else req.max_tokens, len(ids), llm.max_model_len, param
-    )
-    params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-    fmt = format_for(llm.tokenizer.chat_template)
-    params = tool_choice.forced(params, fmt, req.tool_choice, req.tools, req.parallel_tool_calls)
+    messages = [m.as_template_dict() for m in req.messages]
+    ids, params, fmt = chat_inputs(llm, req, messages, req.tools, req.tool_choice)
     tools = fmt if req.tools and req.tool_choice != "none" else None  # parse calls out of the output
     rid, created = request_id("chatcmpl"), int(time.time())
     gen = state.engine.generate(ids, params, rid, adapter_of(state, req.model), tools)

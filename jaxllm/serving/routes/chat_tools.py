@@ -24,9 +24,8 @@ from jaxllm.errors import ContextLengthError, InvalidRequestError
 from jaxllm.outputs import CompletionOutput
 from jaxllm.serving.errors import error_body, status_of
 from jaxllm.serving.routes.chat_format import calls_of, choice_of, logprobs_entries
-from jaxllm.serving.routes.common import adapter_of, first_and_rest, resolve_max_tokens, tracked, usage
+from jaxllm.serving.routes.common import adapter_of, chat_inputs, first_and_rest, tracked, usage
 from jaxllm.serving.sse import DONE, event
-from jaxllm.structured import tool_choice
 from jaxllm.structured.tool_calls import format_for
 from jaxllm.tools.loop import ToolLoop
 
@@ -51,25 +50,17 @@ class ChatRounds:
     def generate(self):
         """This round's deltas (an async iterator), after checking its prompt fits the context."""
         llm, req, loop = self.state.llm, self.req, self.loop
-        ids = llm.tokenizer.encode(
-            llm.apply_chat_template(loop.template_messages(), tools=loop.tools), add_special_tokens=False
-        )
-        use_new = req.max_completion_tokens is not None
-        param = "max_completion_tokens" if use_new else "max_tokens"
-        requested = req.max_completion_tokens if use_new else req.max_tokens
         try:
-            max_tokens = resolve_max_tokens(requested, len(ids), llm.max_model_len, param)
+            ids, params, _ = chat_inputs(llm, req, loop.template_messages(), loop.tools, loop.tool_choice)
         except ContextLengthError as e:
             if not loop.rounds:
                 raise
             raise ContextLengthError(
-                f"with the results of {len(loop.steps)} tool calls the conversation is {len(ids)} tokens, which with "
-                f"{param} does not fit this model's {llm.max_model_len}-token context: ask for less, or use tools "
-                "whose results are shorter",
+                f"with the results of {len(loop.steps)} tool calls the conversation no longer fits this model's "
+                f"{llm.max_model_len}-token context with {e.param}: ask for less, or use tools whose results are "
+                "shorter",
                 param=e.param,
             ) from None
-        params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        params = tool_choice.forced(params, self.fmt, loop.tool_choice, loop.tools, req.parallel_tool_calls)
         self.out = CompletionOutput(0, "", [], None, logprobs=[])
         self.state.metrics.prompt_tokens.inc(len(ids))
         self.prompt_tokens += len(ids)

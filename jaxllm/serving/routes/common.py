@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -15,14 +16,23 @@ from starlette.requests import Request
 from jaxllm.api import LLM
 from jaxllm.engine.async_engine import AsyncEngine, StreamOutput
 from jaxllm.errors import ContextLengthError, EngineShutdownError, InvalidRequestError, ModelMismatchError
+from jaxllm.sampling_params import SamplingParams
 from jaxllm.serving.errors import BodyTooLargeError
 from jaxllm.serving.metrics import Metrics
+from jaxllm.serving.protocol import DetokenizeRequest, EmbeddingRequest, TokenizeRequest
 from jaxllm.serving.response_store import ResponseStore
+from jaxllm.structured import tool_choice
+from jaxllm.structured.tool_calls import format_for
+
+if TYPE_CHECKING:
+    from jaxllm.embeddings import Embedder
+
+_ANY_MODEL = (TokenizeRequest, DetokenizeRequest)  # the routes an embedding model serves beside embeddings
 
 
 @dataclasses.dataclass
 class ServerState:
-    llm: LLM
+    llm: LLM | None
     engine: AsyncEngine | None
     model_names: list[str]
     metrics: Metrics
@@ -30,12 +40,34 @@ class ServerState:
     api_key: str | None = None
     ready: bool = False
     responses: ResponseStore | None = None  # stored responses (the Responses API)
+    embedder: Embedder | None = None  # an encoder served for embeddings only (then `llm` is None)
+
+    @property
+    def served(self) -> list[str]:
+        """The names requests may give as `model`: the served names, then the LoRA adapters."""
+        return self.model_names + (self.llm.lora_names if self.llm is not None else [])
+
+    @property
+    def model(self):
+        """The served model: the `LLM`, or the `Embedder` (both give `tokenizer` and `max_model_len`)."""
+        return self.embedder or self.llm
+
+    @property
+    def accepting(self) -> bool:
+        """Ready for requests: loaded (and compiled), and not shutting down."""
+        if self.embedder is not None:
+            return self.ready
+        return self.ready and self.engine is not None and self.engine.accepting
 
 
 async def parse_body(request: Request, state: ServerState, model: type[BaseModel]):
     """The request body validated into `model`; errors name the offending field."""
-    if not state.ready or state.engine is None or not state.engine.accepting:
+    if not state.accepting:
         raise EngineShutdownError("the server is loading or shutting down: retry shortly")
+    if state.embedder is not None and model is not EmbeddingRequest and model not in _ANY_MODEL:
+        raise InvalidRequestError(
+            f"the model {state.model_names[0]!r} is an embedding model: it serves /v1/embeddings only"
+        )
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > state.max_body_bytes:
         raise BodyTooLargeError(f"the request body is over the {state.max_body_bytes}-byte limit")
@@ -50,11 +82,11 @@ async def parse_body(request: Request, state: ServerState, model: type[BaseModel
         raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object")
-    try:
-        req = model.model_validate(data)
+    try:  # strict: no coercion the published schema does not allow (false as 0, "1" as 1)
+        req = model.model_validate_json(body, strict=True)
     except ValidationError as e:
         raise InvalidRequestError(*described(e.errors())) from None
-    served = state.model_names + state.llm.lora_names
+    served = state.served
     if req.model is not None and req.model not in served:  # (optional only for the tokenizer routes)
         raise ModelMismatchError(f"the model {req.model!r} does not exist; this server has {served}", param="model")
     return req
@@ -104,6 +136,20 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
             param=param,
         )
     return requested
+
+
+def chat_inputs(llm: LLM, req, messages: list[dict], tools, choice) -> tuple[list[int], SamplingParams, str]:
+    """What a chat request gives the engine: the prompt's token ids (`messages` rendered with `tools`), its
+    params (max_tokens resolved against the context, a forced tool `choice` as a grammar) and the model's
+    tool-call format. req: the `ChatCompletionRequest`."""
+    ids = llm.tokenizer.encode(llm.apply_chat_template(messages, tools=tools), add_special_tokens=False)
+    use_new = req.max_completion_tokens is not None
+    param = "max_completion_tokens" if use_new else "max_tokens"
+    requested = req.max_completion_tokens if use_new else req.max_tokens
+    max_tokens = resolve_max_tokens(requested, len(ids), llm.max_model_len, param)
+    params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    fmt = format_for(llm.tokenizer.chat_template)
+    return ids, tool_choice.forced(params, fmt, choice, tools, req.parallel_tool_calls), fmt
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -14,7 +14,8 @@ from jaxllm.serving.routes.common import adapter_of, merge, parse_body, request_
 from jaxllm.serving.sse import DONE, event
 
 
-def _prompts(llm, prompt) -> list[list[int]]:
+def prompt_ids(llm, prompt) -> list[list[int]]:
+    """The token ids of each prompt of a completions request (text, texts, token ids or lists of them)."""
     if isinstance(prompt, str):
         return [llm.tokenizer.encode(prompt)]
     if not prompt:
@@ -24,7 +25,7 @@ def _prompts(llm, prompt) -> list[list[int]]:
     return [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _logprobs(tokenizer, lps, offset: int, prompt: tuple[list[int], list] | None = None) -> dict:
+def legacy_logprobs(tokenizer, lps, offset: int, prompt: tuple[list[int], list] | None = None) -> dict:
     """OpenAI's legacy logprobs object for generated tokens `lps` (named by the output processor) whose text
     starts at `offset`; with `prompt` (its token ids and prompt logprobs: echo), the prompt's tokens come first
     from offset 0, the first with a null logprob as nothing predicts it."""
@@ -46,7 +47,7 @@ async def completions(request: Request):
     start = time.monotonic()
     req = await parse_body(request, state, CompletionRequest)
     llm = state.llm
-    prompts = _prompts(llm, req.prompt)
+    prompts = prompt_ids(llm, req.prompt)
     longest = max(len(p) for p in prompts)
     # With echo, max_tokens 0 scores the prompt alone (its logprobs, with `logprobs`).
     least = 0 if req.echo else 1
@@ -101,7 +102,7 @@ async def completions(request: Request):
         {
             "index": j,
             "text": texts[j],
-            "logprobs": _logprobs(llm.tokenizer, lps[j], len(echo[j // params.n]), scored[j])
+            "logprobs": legacy_logprobs(llm.tokenizer, lps[j], len(echo[j // params.n]), scored[j])
             if req.logprobs is not None
             else None,
             "finish_reason": finish[j],
@@ -136,7 +137,7 @@ async def _events(state, base, outputs, merged, n, prompts, echo, include_usage,
             completion += len(out.token_ids)
             if text or out.finish_reason or (logprobs is not None and out.logprobs):
                 scored = (prompts[i], out.prompt_logprobs) if out.prompt_logprobs is not None else None
-                lp = _logprobs(state.llm.tokenizer, out.logprobs, 0, scored) if logprobs is not None else None
+                lp = legacy_logprobs(state.llm.tokenizer, out.logprobs, 0, scored) if logprobs is not None else None
                 yield event(
                     {
                         **chunk,

@@ -15,30 +15,30 @@ from jaxllm.serving.routes.common import parse_body
 async def tokenize(request: Request):
     state = request.app.state.server
     req = await parse_body(request, state, TokenizeRequest)
-    tokens = state.llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-    return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": state.llm.max_model_len})
+    tokens = state.model.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": state.model.max_model_len})
 
 
 async def detokenize(request: Request):
     state = request.app.state.server
     req = await parse_body(request, state, DetokenizeRequest)
-    vocab = state.llm.config.vocab_size
+    vocab = state.model.config.vocab_size
     bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-    return JSONResponse({"prompt": state.llm.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+    return JSONResponse({"prompt": state.model.tokenizer.decode(req.tokens, skip_special_tokens=False)})
 
 
 async def tokenizer_info(request: Request):
     state = request.app.state.server
-    tok = state.llm.tokenizer
+    tok = state.model.tokenizer
     return JSONResponse(
         {
             "eos_token": tok.eos_token,
             "bos_token": tok.bos_token,
             "pad_token": None,
             "chat_template": tok.chat_template,
-            "model_max_length": state.llm.max_model_len,
+            "model_max_length": state.model.max_model_len,
             "add_bos_token": tok.add_bos,
         }
     )

