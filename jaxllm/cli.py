@@ -103,7 +103,7 @@ def cmd_batch(args) -> int:
     as requests finish; resumable, and a bad line is an error record unless --strict."""
     return run_job(
         args.input,
-        lambda: _load(args),
+        lambda: _load_for_batch(args),
         _flags(args),
         args.output,
         args.errors,
@@ -111,6 +111,16 @@ def cmd_batch(args) -> int:
         strict=args.strict,
         window=args.window,
     )
+
+
+def _load_for_batch(args):
+    """The model of a batch: an encoder folder loads as an `Embedder` (its embedding lines run, others are
+    error records), anything else as an `LLM`."""
+    from jaxllm.embeddings import Embedder, is_encoder_model
+
+    if args.model and is_encoder_model(args.model):
+        return Embedder.load(args.model)
+    return _load(args)
 
 
 # ---- run -----------------------------------------------------------------------------------------

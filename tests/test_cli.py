@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import minilm_folder
+
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = ["--temperature", "0", "--max-tokens", "8"]
 
@@ -282,3 +284,11 @@ def test_a_bad_mcp_config_is_refused_before_loading(tmp_path):
     bad.write_text('{"servers": [{"id": "x", "source": {"type": "process"}}]}')
     assert_error(jaxllm("serve", "--mcp-config", bad), "mcp.json", "'command'")
     assert_error(jaxllm("serve", "--mcp-config", tmp_path / "missing.json"), "cannot read")
+
+
+def test_serve_embedding_and_responses_flags_are_checked_before_loading(tmp_path):
+    assert_error(jaxllm("serve", "--pooling", "banana"), "pooling 'banana'", "lasttoken")
+    assert_error(jaxllm("serve", "--responses-db", tmp_path / "missing" / "r.sqlite"), "responses database")
+    encoder = minilm_folder()
+    assert_error(jaxllm("serve", "--model", encoder, "--lora", f"x={tmp_path}"), "embedding model", "--lora")
+    assert_error(jaxllm("serve", "--model", encoder, "--pooling", "mean"), "--pooling is for decoders")

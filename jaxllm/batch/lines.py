@@ -17,6 +17,7 @@ from jaxllm.chat_template import validate_messages
 from jaxllm.errors import InvalidRequestError, JaxLLMError
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from jaxllm.serving.routes.common import described
 
 PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.init}
 OWN_FIELDS = PARAM_FIELDS | {"id", "prompt", "messages"}
@@ -151,13 +152,12 @@ def _api_line(obj: dict, lineno: int, defaults: dict) -> Item:
         if "max_completion_tokens" in body:
             fill.pop("max_tokens", None)
         body = {**body, **fill}
-    try:
-        req = BODIES[url].model_validate(body)
+    try:  # as the server validates bodies: strictly, errors naming the most specific field
+        req = BODIES[url].model_validate_json(json.dumps(body), strict=True)
         _check_body(req)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        return bad("invalid_request", f"{param}: {err['msg']}", 400, param)
+        msg, param = described(e.errors())
+        return bad("invalid_request", msg, 400, param)
     except JaxLLMError as e:
         return bad("invalid_request", str(e), 400, e.param)
     return ApiRequest(lineno, key, url, req)

@@ -62,8 +62,8 @@ class BatchRunner:
         strict: bool = False,
         name: str = "input",
     ):
-        self.llm, self.engine, self.sink = llm, llm.engine, sink
-        self.window = window or 4 * self.engine.max_num_seqs
+        self.llm, self.engine, self.sink = llm, getattr(llm, "engine", None), sink  # no engine: an Embedder
+        self.window = window or 4 * (self.engine.max_num_seqs if self.engine is not None else 16)
         self.ordered, self.strict, self.name = ordered, strict, name
         self.stats = Stats()
         self._jobs: dict[int, _Job] = {}  # by admission order: in flight
@@ -92,7 +92,7 @@ class BatchRunner:
                         self._take(item)
                 if self._first and (exhausted or self.in_flight >= self.window or self._held is not None):
                     self._start()
-                if self.engine.has_unfinished():
+                if self.engine is not None and self.engine.has_unfinished():
                     self._step()
                 elif self._held is not None:
                     self._grow_and_add(self._held)
@@ -104,6 +104,8 @@ class BatchRunner:
 
     def _abort(self) -> None:
         """Leave nothing running behind: abort what is in flight and let the engine settle."""
+        if self.engine is None:
+            return
         for rid in self._by_rid:
             self.engine.abort(rid)
             self.llm.outputs.drop(rid)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from jaxllm.batch.lines import ApiRequest, OwnRequest
 from jaxllm.batch.records import own_record, success
 from jaxllm.embeddings import embeddings_body
+from jaxllm.errors import InvalidRequestError
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -44,7 +45,12 @@ class Work:
 
 def prepare(item: OwnRequest | ApiRequest, llm) -> Work | dict:
     """The line's `Work`, or at once its record (an embedding line runs here, outside the engine's steps).
-    Raises the typed error of a request the model refuses (a prompt beyond the context, say)."""
+    Raises the typed error of a request the model refuses (a prompt beyond the context, say, or any but an
+    embedding on an embedding model)."""
+    if getattr(llm, "engine", None) is None and not (
+        isinstance(item, ApiRequest) and isinstance(item.body, EmbeddingRequest)
+    ):
+        raise InvalidRequestError(f"{llm.name} is an embedding model: only /v1/embeddings lines run on it")
     if isinstance(item, OwnRequest):
         text = item.prompt if item.prompt is not None else llm.apply_chat_template(item.messages)
         ids = llm.tokenizer.encode(text)

@@ -39,12 +39,14 @@ def create_app(
     warmup_progress: bool = False,
     allowed_origins: list[str] | None = None,
     responses_db: str | None = None,
+    pooling: str | None = None,
 ) -> Starlette:
     """An OpenAI-compatible app serving `llm` (or an encoder `Embedder`, for /v1/embeddings only); the engine
     thread lives as long as the app's lifespan. `warmup`: compile every step shape before /health turns 200
     (with a progress bar on stderr when `warmup_progress`).
     allowed_origins: the browser origins allowed to call the API (CORS; "*" for any; default none).
-    responses_db: the SQLite file that keeps stored responses across restarts (default: in memory)."""
+    responses_db: the SQLite file that keeps stored responses across restarts (default: in memory).
+    pooling: how a decoder's embeddings pool its hidden states (default: its folder's config, else last token)."""
     embedder = llm if isinstance(llm, Embedder) else None
     names = served_model_name or [llm.name if embedder else llm.loaded.name]
     state = ServerState(
@@ -57,6 +59,7 @@ def create_app(
         embedder=embedder,
     )
     state.responses = ResponseStore(responses_db)
+    state.pooling = pooling
 
     def prepare() -> None:
         """Compile every step shape the engine will run, then start the engine thread (off the event loop:

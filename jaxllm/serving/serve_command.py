@@ -76,6 +76,13 @@ def add_parser(sub, positive) -> None:
         help="browser origins allowed to call the API (CORS), e.g. http://localhost:3000, or '*' (default: none)",
     )
     p.add_argument(
+        "--pooling",
+        default=None,
+        metavar="MODE",
+        help="how a decoder's /v1/embeddings pools its hidden states: lasttoken, mean, cls, max, mean_sqrt_len "
+        "or weightedmean (default: the model folder's sentence-transformers config, else lasttoken)",
+    )
+    p.add_argument(
         "--responses-db",
         default=None,
         metavar="FILE",
@@ -199,6 +206,8 @@ def serve_embedder(args: argparse.Namespace, log: logging.Logger) -> int:
         "--mcp-config": args.mcp_config,
         "--coordinator-address": args.coordinator_address,
     }
+    if args.pooling:
+        raise InvalidRequestError("--pooling is for decoders: an encoder folder pools as its own config says")
     for flag, given in generation_only.items():
         if given:
             raise InvalidRequestError(f"{args.model} is an embedding model: {flag} needs a model that generates")
@@ -230,6 +239,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.model and is_encoder_model(args.model):
         return serve_embedder(args, log)
+    if args.pooling:
+        from jaxllm.loading.sentence_transformers import pooling_mode
+
+        args.pooling = pooling_mode(args.pooling)  # a wrong name stops the start before the model loads
     tools = server_tools(args, log)
     if args.mcp_config:
         from jaxllm.tools.mcp import load_config
@@ -299,6 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         warmup_progress=True,
         allowed_origins=args.allowed_origins,
         responses_db=args.responses_db,
+        pooling=args.pooling,
     )
     uvicorn.run(
         app,

@@ -9,9 +9,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
+from tests.conftest import minilm_folder
 from tests.test_cli import ROOT, assert_error, jaxllm, write_jsonl
 
 FLAGS = ["--temperature", "0", "--max-tokens", "8"]
@@ -167,3 +170,28 @@ def test_a_killed_job_resumes_to_the_same_outputs(tiny_llama, tmp_path):
     ids = [r.get("custom_id", r["id"]) for r in rows]
     assert len(ids) == len(set(ids)) == 48  # each id exactly once
     assert answers(rows) == expected
+
+
+@pytest.mark.slow
+def test_an_encoder_folder_runs_the_embedding_lines(tmp_path):
+    """`jaxllm batch --model` of a sentence-transformers folder: its embedding lines run (as the server's bodies),
+    a generation line is an error record naming the embedding model."""
+    from openai.types import CreateEmbeddingResponse
+
+    from jaxllm.embeddings import Embedder
+
+    folder = minilm_folder()
+    texts = ["The cat sat on the mat.", "JAX runs on XLA."]
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        api("emb", "/v1/embeddings", {"model": "minilm", "input": texts}),
+        api("chat"),
+    )
+    out = tmp_path / "out.jsonl"
+    proc = jaxllm("batch", "--model", folder, "--input", src, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    by_id = {r["custom_id"]: r for r in records(out)}
+    body = CreateEmbeddingResponse.model_validate(by_id["emb"]["response"]["body"])
+    got = np.array([d.embedding for d in body.data], np.float32)
+    np.testing.assert_allclose(got, Embedder.load(folder).embed(texts).vectors, atol=1e-6)
+    assert by_id["chat"]["response"]["status_code"] == 400 and "embedding model" in by_id["chat"]["error"]["message"]

@@ -11,9 +11,10 @@ import numpy as np
 import openai
 import pytest
 
+from jaxllm import LLM
 from jaxllm.embeddings import Embedder
 from jaxllm.serving import create_app
-from tests.conftest import minilm_folder
+from tests.conftest import make_tiny_model, minilm_folder
 from tests.serving.conftest import RunningServer
 
 TEXTS = ["The cat sat on the mat.", "JAX runs on XLA.", "A"]
@@ -104,3 +105,14 @@ def test_jaxllm_serve_of_an_encoder_folder_serves_embeddings():
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_a_decoder_served_with_mean_pooling_pools_the_mean(tmp_path):
+    folder = tmp_path / "tiny"
+    make_tiny_model(folder, "llama")
+    llm = LLM(str(folder), max_num_seqs=2, max_model_len=128, progress=False)
+    with RunningServer(create_app(llm, served_model_name="tiny", warmup=False, pooling="mean")) as s:
+        got = httpx.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": TEXTS}).json()["data"]
+    vectors = np.array([d["embedding"] for d in got], np.float32)
+    np.testing.assert_allclose(vectors, llm.embed(TEXTS, pooling="mean").vectors, atol=1e-5)
+    assert not np.allclose(vectors, llm.embed(TEXTS).vectors, atol=1e-3)  # not the last token's

@@ -41,6 +41,7 @@ class ServerState:
     ready: bool = False
     responses: ResponseStore | None = None  # stored responses (the Responses API)
     embedder: Embedder | None = None  # an encoder served for embeddings only (then `llm` is None)
+    pooling: str | None = None  # a decoder's embedding pooling (None: its folder's config, else the last token)
 
     @property
     def served(self) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -32,7 +33,11 @@ async def embeddings(request: Request):
         raise InvalidRequestError(
             "embeddings come from the base model, not a LoRA adapter: name the base model", "model"
         )
-    result = await asyncio.get_running_loop().run_in_executor(WORKER, state.model.embed, inputs, req.dimensions)
+    if state.embedder is not None:
+        embed = functools.partial(state.embedder.embed, inputs, req.dimensions)
+    else:
+        embed = functools.partial(state.llm.embed, inputs, req.dimensions, state.pooling)
+    result = await asyncio.get_running_loop().run_in_executor(WORKER, embed)
     state.metrics.prompt_tokens.inc(result.prompt_tokens)
     state.metrics.requests.labels("200").inc()
     return JSONResponse(embeddings_body(result, req.model, req.encoding_format))
