@@ -30,6 +30,7 @@ from jaxllm.models.layers import RMSNorm
 MAX_ROWS = 32
 TOKEN_BUDGET = 8192  # padded tokens per batch: bounds the [rows, heads, seq, seq] attention scores
 MIN_BUCKET = 16
+FINE_FROM = 64  # past this length, buckets grow by half of it instead of doubling
 
 __all__ = ["EmbeddingResult", "Embedder", "POOLING_MODES", "embeddings_body", "is_encoder_model", "normalize", "pool"]
 
@@ -115,8 +116,12 @@ def check_tokens(token_lists: list[list[int]], max_len: int, vocab_size: int) ->
 
 
 def length_bucket(n: int, max_len: int) -> int:
-    """The padded length of an n-token input: the next power of two from MIN_BUCKET, at most max_len."""
-    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_len)
+    """The padded length of an n-token input: the next power of two from MIN_BUCKET up to FINE_FROM, then the
+    next multiple of FINE_FROM // 2 (long inputs waste at most that much padding), at most max_len."""
+    if n <= FINE_FROM:
+        return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_len)
+    step = FINE_FROM // 2
+    return min(-(-n // step) * step, max_len)
 
 
 def plan_batches(lengths: list[int], max_len: int) -> list[tuple[list[int], int]]:

@@ -8,7 +8,6 @@ layers run under `nn.scan` over stacked params (`layers/...`): one compiled laye
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -200,9 +199,7 @@ class SelfAttention(nn.Module):
         bo = param(self, "o_bias", (c.hidden_size,), ("embed",), nn.initializers.zeros, dt)
         qkv = jnp.einsum("btd,dphk->btphk", x, wqkv) + bqkv
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(scores / math.sqrt(c.head_dim) + key_bias, axis=-1).astype(dt)
-        out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+        out = jax.nn.dot_product_attention(q, k, v, bias=key_bias.astype(dt), implementation="xla")
         return jnp.einsum("bqhk,hkd->bqd", out, wo) + bo
 
 
