@@ -331,6 +331,8 @@ class LLM:
         `ContextLengthError`."""
         from jaxllm.embeddings import DecoderEmbedding, input_list
 
+        if self.cluster is not None:  # the followers only replay the engine's steps: an embedding would hang
+            raise InvalidRequestError("embeddings are not served by a group of processes yet: serve them from one")
         if self._embedding is None:
             self._embedding = DecoderEmbedding.for_model(self.loaded, self._source)
         ids = [self._encode(x)[1] for x in input_list(inputs)]
