@@ -93,6 +93,13 @@ def test_dimensions_and_length_limits(tiny):
         llm.embed([PROMPT], pooling="median")
 
 
+def test_a_group_of_processes_refuses_embeddings_clearly(tiny, monkeypatch):
+    _, _, llm = tiny
+    monkeypatch.setattr(llm, "cluster", object())  # as on the leader of a group: its followers replay steps only
+    with pytest.raises(InvalidRequestError, match="group of processes"):
+        llm.embed([PROMPT])
+
+
 def test_modules_json_sets_the_decoder_pooling(tiny, tmp_path):
     folder, hf, _ = tiny
     dst = tmp_path / "st-llama"
