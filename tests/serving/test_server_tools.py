@@ -106,6 +106,21 @@ def test_a_result_that_floods_the_context_is_a_clear_error_streamed_or_not(clien
     assert chunks and chunks[0].choices[0].delta.role == "assistant"
 
 
+def test_the_responses_api_lists_the_servers_calls_as_mcp_call_items(client):
+    force = {"type": "function", "name": "get_secret_word"}
+    kw = {"model": "smollm2", "input": ASK[0]["content"], "tool_choice": force, "max_output_tokens": 60}
+    kw["parallel_tool_calls"] = False  # SmolLM2 repeats a forced call while it may (see the chat tests)
+    reply = client.responses.create(**kw, temperature=0)
+    step, message = reply.output
+    assert step.type == "mcp_call" and step.name == "get_secret_word" and step.server_label == "python"
+    assert step.output == "The secret word is PAPAYA." and step.error is None and step.status == "completed"
+    assert message.type == "message" and "PAPAYA" in reply.output_text
+    events = list(client.responses.create(**kw, temperature=0, stream=True))
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == ["mcp_call", "message"] and events[-1].response.output_text == reply.output_text
+    assert [o.type for o in events[-1].response.output] == ["mcp_call", "message"]
+
+
 def test_the_clients_own_tools_stay_the_clients(client):
     force = {"type": "function", "function": {"name": "book_table"}}
     reply = _ask(client, tools=[CLIENT_TOOL], tool_choice=force, extra_body={"include_tool_calls": True})

@@ -1,8 +1,9 @@
 """POST /v1/responses, GET and DELETE /v1/responses/{id}: OpenAI's Responses API over the chat machinery.
 
 A response request becomes a chat request (`responses_protocol`) and runs as chat rounds (`ChatRounds`: tools
-the server runs are run, the client's come back as `function_call` items). The output is a `message` item with
-the text and one `function_call` item per call. With `store` (the default) the response and its conversation
+the server runs are run, the client's come back as `function_call` items). The output is an `mcp_call` item per
+call the server ran (its output, or its error), a `message` item with the text and a `function_call` item per
+call for the client. With `store` (the default) the response and its conversation
 are kept (`ResponseStore`), so that `previous_response_id` continues it and GET returns it. Streamed, the
 Responses event types come as server-sent events: created, in_progress, the message's item, part and text
 deltas, each call's item and arguments, then completed (or incomplete, when max_output_tokens cut it short).
@@ -59,7 +60,7 @@ async def create_response(request: Request):
         if not await rounds.take():
             break
     out = rounds.out
-    body = shape.finished(out.text, out.tool_calls or [], out.finish_reason, rounds.usage)
+    body = shape.finished(out.text, out.tool_calls or [], out.finish_reason, rounds.usage, rounds.loop.steps)
     _store(state, req, rounds, body, out.text, out.tool_calls or [])
     state.metrics.requests.labels("200").inc()
     return JSONResponse(body)
@@ -128,12 +129,30 @@ class _Shape:
         item = {"type": "function_call", "id": f"fc_{c.id}", "call_id": c.id, "name": c.name, "arguments": args}
         return {**item, "status": status}
 
-    def finished(self, text: str, calls: list, finish_reason: str | None, used: dict) -> dict:
+    @staticmethod
+    def step(s) -> dict:
+        """A call the server ran itself (`ToolStep`), as an `mcp_call` item: its output, or its error."""
+        failed = s.result.error
+        return {
+            "type": "mcp_call",
+            "id": f"mcp_{s.id}",
+            "server_label": s.source,
+            "name": s.name,
+            "arguments": s.arguments,
+            "output": None if failed else s.result.content,
+            "error": {"type": "mcp_tool_execution_error", "content": s.result.content} if failed else None,
+            "status": "failed" if failed else "completed",
+        }
+
+    def finished(self, text: str, calls: list, finish_reason: str | None, used: dict, steps=()) -> dict:
+        """The finished response: the server's steps, the message (when there is text, or nothing else), the
+        client's calls."""
         cut = finish_reason == "length"
         body = self.base("incomplete" if cut else "completed")
         if cut:
             body["incomplete_details"] = {"reason": "max_output_tokens"}
-        body["output"] = [self.message(text, "incomplete" if cut else "completed")] if text or not calls else []
+        body["output"] = [self.step(s) for s in steps]
+        body["output"] += [self.message(text, "incomplete" if cut else "completed")] if text or not calls else []
         body["output"] += [self.call(c) for c in calls]
         body["usage"] = {
             "input_tokens": used["prompt_tokens"],
@@ -176,44 +195,63 @@ async def _events(state, shape: _Shape, rounds: ChatRounds, first, rest):
         async for delta in rest:
             yield delta
 
-    where = {"item_id": shape.message_id, "output_index": 0, "content_index": 0}
     empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     yield ev("response.created", response=shape.base("in_progress"))
     yield ev("response.in_progress", response=shape.base("in_progress"))
-    text, opened = "", False
+    items: list = []  # the output as streamed, in order (None: the message, until it is done)
+    text = ""
     deltas = first_round()
+
+    def where() -> dict:
+        return {"item_id": shape.message_id, "output_index": items.index(None), "content_index": 0}
+
+    def open_message():
+        items.append(None)
+        yield ev("response.output_item.added", output_index=len(items) - 1, item=shape.message("", "in_progress"))
+        yield ev("response.content_part.added", **where(), part=empty_part)
+
     try:
         while True:
             async for delta in deltas:
                 if not delta.text:
                     continue
-                if not opened:
-                    opened = True
-                    yield ev("response.output_item.added", output_index=0, item=shape.message("", "in_progress"))
-                    yield ev("response.content_part.added", **where, part=empty_part)
+                if None not in items:
+                    for e in open_message():
+                        yield e
                 text += delta.text
-                yield ev("response.output_text.delta", **where, delta=delta.text, logprobs=[])
+                yield ev("response.output_text.delta", **where(), delta=delta.text, logprobs=[])
+            ran = len(rounds.loop.steps)
             if not await rounds.take():
                 break
+            for step in rounds.loop.steps[ran:]:
+                items.append(_Shape.step(step))
+                yield ev(
+                    "response.output_item.added", output_index=len(items) - 1, item={**items[-1], "status": "calling"}
+                )
+                yield ev("response.output_item.done", output_index=len(items) - 1, item=items[-1])
             deltas = rounds.generate()
         out = rounds.out
         calls = out.tool_calls or []
         body = shape.finished(text, calls, out.finish_reason, rounds.usage)
         if text or not calls:
-            if not opened:
-                yield ev("response.output_item.added", output_index=0, item=shape.message("", "in_progress"))
-                yield ev("response.content_part.added", **where, part=empty_part)
-            yield ev("response.output_text.done", **where, text=text, logprobs=[])
-            yield ev("response.content_part.done", **where, part=body["output"][0]["content"][0])
-            yield ev("response.output_item.done", output_index=0, item=body["output"][0])
-        first_call = len(body["output"]) - len(calls)
-        for k, c in enumerate(calls, first_call):
+            if None not in items:
+                for e in open_message():
+                    yield e
+            message = body["output"][0]
+            yield ev("response.output_text.done", **where(), text=text, logprobs=[])
+            yield ev("response.content_part.done", **where(), part=message["content"][0])
+            yield ev("response.output_item.done", output_index=items.index(None), item=message)
+            items[items.index(None)] = message
+        for c in calls:
             item = _Shape.call(c)
+            k = len(items)
+            items.append(item)
             at = {"item_id": item["id"], "output_index": k}
             yield ev("response.output_item.added", output_index=k, item=_Shape.call(c, "in_progress"))
             yield ev("response.function_call_arguments.delta", **at, delta=c.arguments)
             yield ev("response.function_call_arguments.done", **at, name=c.name, arguments=c.arguments)
             yield ev("response.output_item.done", output_index=k, item=item)
+        body["output"] = items
         _store(state, shape.req, rounds, body, text, calls)
         yield ev(f"response.{body['status']}", response=body)
         state.metrics.requests.labels("200").inc()
