@@ -2,11 +2,11 @@
 sentence-transformers on the same folder, in the same run.
 
 `--sentences` sentences cut from tests/data/perplexity.txt (lengths cycling through 8, 24, 64 and 160 words,
-so that batches pad to several length buckets), embedded by both in one call (each sorts the inputs by length; sentence-transformers in batches of `--batch`,
-jaxllm in batches of at most 32 rows and 8,192 padded tokens); each side runs
-once untimed first (jaxllm compiles its shapes there), then `--repeats` rounds alternate between the two and
-the best of each is kept. Also reported: the largest cosine distance between the two sides' vectors. Results
-are printed and written into docs/benchmarks.md between the `bench:embeddings` markers.
+so that batches pad to several length buckets), embedded by both in one call: each sorts the inputs by length,
+sentence-transformers in batches of `--batch`, jaxllm in batches of at most 32 rows and 8,192 padded tokens.
+Each side runs once untimed first (jaxllm compiles its shapes there), then `--repeats` rounds alternate between
+the two and the best of each is kept. Also reported: the largest cosine distance between the two sides'
+vectors. Results are printed and written into docs/benchmarks.md between the `bench:embeddings` markers.
 
     python scripts/bench_embeddings.py [--sentences 512] [--batch 32] [--repeats 3]
 """
