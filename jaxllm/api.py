@@ -142,7 +142,6 @@ class LLM:
             data_parallel=data_parallel,
         )
         dtype = self.loaded.dtype
-        self._source = None if loaded is not None else model  # where embeddings look for a pooling config
         self._embedding = None  # built on the first `embed`
         self.config, self.tokenizer = self.loaded.config, self.loaded.tokenizer
         self.max_model_len = max_model_len or min(self.config.max_position_embeddings, 8192)
@@ -334,7 +333,7 @@ class LLM:
         if self.cluster is not None:  # the followers only replay the engine's steps: an embedding would hang
             raise InvalidRequestError("embeddings are not served by a group of processes yet: serve them from one")
         if self._embedding is None:
-            self._embedding = DecoderEmbedding.for_model(self.loaded, self._source)
+            self._embedding = DecoderEmbedding.for_model(self.loaded)
         ids = [self._encode(x)[1] for x in input_list(inputs)]
         return self._embedding.embed(self.params, ids, self.max_model_len, dimensions, pooling)
 

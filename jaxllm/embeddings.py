@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.errors import ContextLengthError, InvalidRequestError, JaxLLMError
+from jaxllm.errors import ContextLengthError, InvalidRequestError
 from jaxllm.loading import sentence_transformers as st
-from jaxllm.loading.resolve import resolve_model
 from jaxllm.loading.sentence_transformers import POOLING_MODES, pooling_mode
 from jaxllm.models import bert
 from jaxllm.models.layers import RMSNorm
@@ -215,12 +214,11 @@ class DecoderEmbedding:
         self._step = jax.jit(step, static_argnums=(0, 1))
 
     @classmethod
-    def for_model(cls, loaded, ref) -> DecoderEmbedding:
-        """For `loaded`, loaded from `ref` (None: unknown, so the defaults)."""
-        folder = _local_folder(ref)
-        if folder is None:
+    def for_model(cls, loaded) -> DecoderEmbedding:
+        """For `loaded`, with the pooling of the folder it was read from (a GGUF file: the defaults)."""
+        if loaded.folder is None:
             return cls(loaded, st.defaults(None, encoder=False))
-        return cls(loaded, st.read_sentence_config(folder, encoder=False))
+        return cls(loaded, st.read_sentence_config(loaded.folder, encoder=False))
 
     def embed(self, params, token_lists, max_len: int, dimensions=None, pooling: str | None = None) -> EmbeddingResult:
         """Vectors of token_lists through `params` (the LLM's current ones); pooling overrides the folder's mode
@@ -232,20 +230,6 @@ class DecoderEmbedding:
         step = functools.partial(self._step, mode, normalized, params)
         vectors = run_batched(token_lists, max_len, step)
         return EmbeddingResult(truncate(vectors, dimensions), sum(map(len, token_lists)))
-
-
-def _local_folder(ref) -> Path | None:
-    """The Hugging Face folder `ref` resolves to, or None (a GGUF file, an alias, nothing)."""
-    if ref is None:
-        return None
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        files = resolve_model(ref)
-    except JaxLLMError:
-        return None
-    return files.path if files.kind == "hf" else None
 
 
 def is_encoder_model(path: str | os.PathLike) -> bool:

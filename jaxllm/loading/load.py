@@ -37,6 +37,7 @@ class LoadedModel:
     quant: QuantPlan = dataclasses.field(default_factory=QuantPlan)
     placement: Placement | None = None
     dtype: object = jnp.float32  # the float params' and activations' dtype
+    folder: Path | None = None  # the Hugging Face folder it was read from (None: a GGUF file)
 
     @property
     def weight_bytes(self) -> int:
@@ -137,7 +138,8 @@ def load_model(
     )
     if chat_template is not None:
         tok.chat_template = read_template_file(chat_template)
-    return LoadedModel(files.name, cfg, model, params, tok, plan, placement, dtype)
+    folder = files.path if files.kind == "hf" else None
+    return LoadedModel(files.name, cfg, model, params, tok, plan, placement, dtype, folder)
 
 
 def _open_hf(files: ModelFiles):
