@@ -62,13 +62,15 @@ def chosen(tool_choice, tools) -> dict[str, dict] | None:
 
 def forced(params, fmt: str, tool_choice, tools, parallel: bool):
     """`params` (SamplingParams) with the grammar that makes the model call what a 'required' or named
-    `tool_choice` asks for, in the format `fmt`; as they are for 'auto' and 'none'."""
+    `tool_choice` asks for, in the format `fmt`; as they are for 'auto' and 'none'. A named function is called
+    once (as vLLM forces it), 'required' up to `MAX_PARALLEL_CALLS` times with `parallel`: a small model told
+    to call one function otherwise repeats the call while the grammar lets it."""
     must = chosen(tool_choice, tools)
     if must is None:
         return params
     if params.structured is not None:
         raise InvalidRequestError("tool_choice cannot be combined with an output format", param="tool_choice")
-    return dataclasses.replace(params, grammar=call_grammar(fmt, must, parallel))
+    return dataclasses.replace(params, grammar=call_grammar(fmt, must, parallel and tool_choice == "required"))
 
 
 def call_grammar(fmt: str, fns: dict[str, dict], parallel: bool) -> str:

@@ -109,7 +109,6 @@ def test_a_result_that_floods_the_context_is_a_clear_error_streamed_or_not(clien
 def test_the_responses_api_lists_the_servers_calls_as_mcp_call_items(client):
     force = {"type": "function", "name": "get_secret_word"}
     kw = {"model": "smollm2", "input": ASK[0]["content"], "tool_choice": force, "max_output_tokens": 60}
-    kw["parallel_tool_calls"] = False  # SmolLM2 repeats a forced call while it may (see the chat tests)
     reply = client.responses.create(**kw, temperature=0)
     step, message = reply.output
     assert step.type == "mcp_call" and step.name == "get_secret_word" and step.server_label == "python"

@@ -159,8 +159,9 @@ def test_required_calls_are_what_the_grammar_allows(compiler, fmt):
 
 
 @pytest.mark.parametrize("fmt", list(CALLS_TEXT))
-def test_forced_parallel_calls_are_bounded(compiler, fmt):
-    from jaxllm.structured.tool_choice import MAX_PARALLEL_CALLS, call_grammar, chosen
+def test_forced_parallel_calls_are_bounded_and_a_named_function_is_called_once(compiler, fmt):
+    from jaxllm.sampling_params import SamplingParams
+    from jaxllm.structured.tool_choice import MAX_PARALLEL_CALLS, call_grammar, chosen, forced
 
     grammar = call_grammar(fmt, chosen({"type": "function", "function": {"name": "get_time"}}, TOOLS), parallel=True)
     call = {"hermes": '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'}.get(
@@ -174,6 +175,10 @@ def test_forced_parallel_calls_are_bounded(compiler, fmt):
 
     assert _matches(compiler, grammar, written(MAX_PARALLEL_CALLS))
     assert not _matches(compiler, grammar, written(MAX_PARALLEL_CALLS + 1))
+    named = forced(SamplingParams(), fmt, {"type": "function", "function": {"name": "get_time"}}, TOOLS, True)
+    assert _matches(compiler, named.grammar, written(1)) and not _matches(compiler, named.grammar, written(2))
+    required = forced(SamplingParams(), fmt, "required", TOOLS, True)
+    assert _matches(compiler, required.grammar, written(2))
 
 
 def test_tool_choice_mistakes_are_clear():
