@@ -15,8 +15,8 @@ from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from jaxllm.serving.routes.chat_format import choice_of
-from jaxllm.serving.routes.common import chat_inputs, request_id, resolve_max_tokens, usage
-from jaxllm.serving.routes.completions import legacy_logprobs, prompt_ids
+from jaxllm.serving.routes.common import chat_inputs, request_id, usage
+from jaxllm.serving.routes.completions import completion_inputs, legacy_logprobs
 
 # The record of a finished request from its outputs (one per prompt) and the prompt tokens each found cached.
 MakeRecord = Callable[[list[RequestOutput], list[int]], dict]
@@ -92,15 +92,7 @@ def _chat(llm, req: ChatCompletionRequest) -> Work:
 
 def _completion(llm, req: CompletionRequest) -> Work:
     """As POST /v1/completions prepares a request: one engine request per prompt, n choices each."""
-    prompts = prompt_ids(llm, req.prompt)
-    least = 0 if req.echo else 1  # with echo, max_tokens 0 scores the prompt alone
-    longest = max(len(p) for p in prompts)
-    max_tokens = resolve_max_tokens(req.max_tokens, longest, llm.max_model_len, "max_tokens", least)
-    params = req.sampling_params(max_tokens, req.logprobs)
-    if req.echo and req.logprobs is not None:
-        params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
-    for p in prompts:
-        llm.engine.check_prompt(p, params)
+    prompts, params = completion_inputs(llm, req)
     echo = [llm.tokenizer.decode(p) if req.echo else "" for p in prompts]
     rid, created = request_id("cmpl"), int(time.time())
 

@@ -26,7 +26,6 @@ from jaxllm.serving.errors import error_body, status_of
 from jaxllm.serving.routes.chat_format import calls_of, choice_of, logprobs_entries
 from jaxllm.serving.routes.common import adapter_of, chat_inputs, first_and_rest, tracked, usage
 from jaxllm.serving.sse import DONE, event
-from jaxllm.structured.tool_calls import format_for
 from jaxllm.tools.loop import ToolLoop
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ class ChatRounds:
         llm = state.llm
         messages = [m.as_template_dict() for m in req.messages]
         self.loop = ToolLoop(llm.tools, messages, req.tools, req.tool_choice, llm.max_tool_rounds)
-        self.fmt = format_for(llm.tokenizer.chat_template)
         self.prompt_tokens = self.completion_tokens = self.cached = 0
         self.out = CompletionOutput(0, "", [], None, logprobs=[])
 
@@ -51,7 +49,7 @@ class ChatRounds:
         """This round's deltas (an async iterator), after checking its prompt fits the context."""
         llm, req, loop = self.state.llm, self.req, self.loop
         try:
-            ids, params, _ = chat_inputs(llm, req, loop.template_messages(), loop.tools, loop.tool_choice)
+            ids, params, fmt = chat_inputs(llm, req, loop.template_messages(), loop.tools, loop.tool_choice)
         except ContextLengthError as e:
             if not loop.rounds:
                 raise
@@ -69,7 +67,7 @@ class ChatRounds:
             params,
             f"{self.rid}-{loop.rounds}",
             adapter_of(self.state, req.model),
-            self.fmt if loop.parses_calls else None,
+            fmt if loop.parses_calls else None,
         )
         return self._collected(tracked(self.state, gen, self.start))
 

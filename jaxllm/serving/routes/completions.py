@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from jaxllm.errors import InvalidRequestError
+from jaxllm.sampling_params import SamplingParams
 from jaxllm.serving.protocol import CompletionRequest
 from jaxllm.serving.routes.common import adapter_of, merge, parse_body, request_id, resolve_max_tokens, tracked, usage
 from jaxllm.serving.sse import DONE, event
@@ -23,6 +24,22 @@ def prompt_ids(llm, prompt) -> list[list[int]]:
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def completion_inputs(llm, req: CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
+    """What a completions request gives the engine: each prompt's token ids and the params (max_tokens resolved
+    against the context; with echo, 0 scores the prompt alone and `logprobs` asks for the prompt's), each
+    prompt checked by the engine."""
+    prompts = prompt_ids(llm, req.prompt)
+    least = 0 if req.echo else 1
+    longest = max(len(p) for p in prompts)
+    max_tokens = resolve_max_tokens(req.max_tokens, longest, llm.max_model_len, "max_tokens", least)
+    params = req.sampling_params(max_tokens, req.logprobs)
+    if req.echo and req.logprobs is not None:
+        params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+    for p in prompts:
+        llm.engine.check_prompt(p, params)
+    return prompts, params
 
 
 def legacy_logprobs(tokenizer, lps, offset: int, prompt: tuple[list[int], list] | None = None) -> dict:
@@ -47,17 +64,8 @@ async def completions(request: Request):
     start = time.monotonic()
     req = await parse_body(request, state, CompletionRequest)
     llm = state.llm
-    prompts = prompt_ids(llm, req.prompt)
-    longest = max(len(p) for p in prompts)
-    # With echo, max_tokens 0 scores the prompt alone (its logprobs, with `logprobs`).
-    least = 0 if req.echo else 1
-    max_tokens = resolve_max_tokens(req.max_tokens, longest, llm.max_model_len, "max_tokens", least)
-    params = req.sampling_params(max_tokens, req.logprobs)
-    if req.echo and req.logprobs is not None:
-        params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+    prompts, params = completion_inputs(llm, req)
     rid, created = request_id("cmpl"), int(time.time())
-    for p in prompts:
-        llm.engine.check_prompt(p, params)
     adapter = adapter_of(state, req.model)
     streams = [
         tracked(state, state.engine.generate(p, params, f"{rid}-{i}", adapter), start) for i, p in enumerate(prompts)
