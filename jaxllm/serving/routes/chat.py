@@ -14,6 +14,7 @@ from jaxllm.serving.routes.chat_format import calls_of, choice_of, logprobs_entr
 from jaxllm.serving.routes.chat_tools import chat_with_server_tools
 from jaxllm.serving.routes.common import (
     adapter_of,
+    chained,
     chat_inputs,
     first_and_rest,
     parse_body,
@@ -76,14 +77,8 @@ async def _events(state, base, first, rest, prompt_len, include_usage, logprobs)
     def choice(index, delta, lp=None, reason=None):
         return event({**chunk, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}]})
 
-    async def all_outputs():
-        if first is not None:
-            yield first
-        async for out in rest:
-            yield out
-
     try:
-        async for out in all_outputs():
+        async for out in chained(first, rest):
             if out.index not in started:
                 started.add(out.index)
                 yield choice(out.index, {"role": "assistant", "content": ""})

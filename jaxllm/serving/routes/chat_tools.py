@@ -16,19 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 
 from starlette.responses import JSONResponse, StreamingResponse
 
 from jaxllm.errors import ContextLengthError, InvalidRequestError
 from jaxllm.outputs import CompletionOutput
-from jaxllm.serving.errors import error_body, status_of
+from jaxllm.serving.errors import error_body
 from jaxllm.serving.routes.chat_format import calls_of, choice_of, logprobs_entries
-from jaxllm.serving.routes.common import adapter_of, chat_inputs, first_and_rest, tracked, usage
+from jaxllm.serving.routes.common import (
+    adapter_of,
+    chained,
+    chat_inputs,
+    first_and_rest,
+    stream_failure,
+    tracked,
+    usage,
+)
 from jaxllm.serving.sse import DONE, event
 from jaxllm.tools.loop import ToolLoop
 
-log = logging.getLogger(__name__)
 ROUNDS = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="jaxllm-tool-round")  # requests' tool rounds
 
 
@@ -118,14 +124,8 @@ async def _events(state, rounds: ChatRounds, base: dict, first, rest, include_us
     def choice(delta, lp=None, reason=None):
         return event({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}]})
 
-    async def first_round():
-        if first is not None:
-            yield first
-        async for delta in rest:
-            yield delta
-
     yield choice({"role": "assistant", "content": ""})
-    deltas = first_round()
+    deltas = chained(first, rest)
     try:
         while True:
             async for delta in deltas:
@@ -145,12 +145,7 @@ async def _events(state, rounds: ChatRounds, base: dict, first, rest, include_us
             yield event({**chunk, "choices": [], "usage": rounds.usage})
         state.metrics.requests.labels("200").inc()
     except Exception as e:  # noqa: BLE001 — the response has begun: the error is an event of the stream
-        status, err_type = status_of(e)
-        if status == 500:
-            log.exception("a streamed chat with server tools failed")
-        message = "internal server error" if status == 500 else str(e)
-        state.metrics.requests.labels(str(status)).inc()
-        yield event(error_body(message, err_type, getattr(e, "param", None)))
+        yield event(error_body(*stream_failure(state, e, "a streamed chat with server tools")))
     finally:
         await deltas.aclose()
     yield DONE

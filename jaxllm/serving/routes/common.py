@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from jaxllm.api import LLM
 from jaxllm.engine.async_engine import AsyncEngine, StreamOutput
 from jaxllm.errors import ContextLengthError, EngineShutdownError, InvalidRequestError, ModelMismatchError
 from jaxllm.sampling_params import SamplingParams
-from jaxllm.serving.errors import BodyTooLargeError
+from jaxllm.serving.errors import BodyTooLargeError, status_of
 from jaxllm.serving.metrics import Metrics
 from jaxllm.serving.protocol import DetokenizeRequest, EmbeddingRequest, TokenizeRequest
 from jaxllm.serving.response_store import ResponseStore
@@ -27,6 +28,7 @@ from jaxllm.structured.tool_calls import format_for
 if TYPE_CHECKING:
     from jaxllm.embeddings import Embedder
 
+log = logging.getLogger(__name__)
 _ANY_MODEL = (TokenizeRequest, DetokenizeRequest)  # the routes an embedding model serves beside embeddings
 
 
@@ -220,6 +222,24 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
             t.cancel()
         for s in streams:
             await s.aclose()
+
+
+async def chained(first, rest: AsyncIterator):
+    """`first` (unless None), then the rest: the stream `first_and_rest` took apart, whole again."""
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
+def stream_failure(state: ServerState, e: Exception, what: str) -> tuple[str, str, str | None]:
+    """An error raised once a stream had begun (`what` names the stream in the log), counted by status and
+    logged when unexpected: (message, OpenAI error type, param) for the stream's error event."""
+    status, err_type = status_of(e)
+    if status == 500:
+        log.exception("%s failed", what)
+    state.metrics.requests.labels(str(status)).inc()
+    return ("internal server error" if status == 500 else str(e)), err_type, getattr(e, "param", None)
 
 
 async def first_and_rest(stream: AsyncIterator):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import time
 import uuid
 
@@ -22,12 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from jaxllm.errors import InvalidRequestError
-from jaxllm.serving.errors import NotFoundError, status_of
+from jaxllm.serving.errors import NotFoundError
 from jaxllm.serving.responses_protocol import ResponsesRequest
 from jaxllm.serving.routes.chat_tools import ChatRounds
-from jaxllm.serving.routes.common import described, first_and_rest, parse_body, request_id
-
-log = logging.getLogger(__name__)
+from jaxllm.serving.routes.common import chained, described, first_and_rest, parse_body, request_id, stream_failure
 
 
 async def create_response(request: Request):
@@ -189,18 +186,12 @@ async def _events(state, shape: _Shape, rounds: ChatRounds, first, rest):
     def ev(kind: str, **fields) -> bytes:
         return _sse(kind, {"type": kind, "sequence_number": next(numbers), **fields})
 
-    async def first_round():
-        if first is not None:
-            yield first
-        async for delta in rest:
-            yield delta
-
     empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     yield ev("response.created", response=shape.base("in_progress"))
     yield ev("response.in_progress", response=shape.base("in_progress"))
     items: list = []  # the output as streamed, in order (None: the message, until it is done)
     text = ""
-    deltas = first_round()
+    deltas = chained(first, rest)
 
     def where() -> dict:
         return {"item_id": shape.message_id, "output_index": items.index(None), "content_index": 0}
@@ -256,11 +247,7 @@ async def _events(state, shape: _Shape, rounds: ChatRounds, first, rest):
         yield ev(f"response.{body['status']}", response=body)
         state.metrics.requests.labels("200").inc()
     except Exception as e:  # noqa: BLE001 — the stream has begun: the error is one of its events
-        status, _ = status_of(e)
-        if status == 500:
-            log.exception("a streamed response failed")
-        message = "internal server error" if status == 500 else str(e)
-        state.metrics.requests.labels(str(status)).inc()
-        yield ev("error", code=None, message=message, param=getattr(e, "param", None))
+        message, _, param = stream_failure(state, e, "a streamed response")
+        yield ev("error", code=None, message=message, param=param)
     finally:
         await deltas.aclose()
